@@ -1,0 +1,133 @@
+"""The contracts between router, capacity and engine.
+
+Axis letters, used in every docstring and einsum string of the package:
+
+  B  batch                 L  sequence length        T  tokens, T = B * L
+  D  model dimension       F  expert hidden width    E  routed experts
+  K  experts per token     C  capacity per expert    A  assignment slots
+  R  grouped rows          G  expert groups
+
+A router scores the T tokens against E experts and returns a `RouterOutput`
+whose `plan` is a flat list of A assignments (static A, fixed at trace time):
+
+  tokens choose experts     A = T * K       slot a = t * K + k
+  experts choose tokens     A = E * C
+  variable experts/token    A = T * K_max   unused slots have valid=False
+
+Invariant of every plan: among valid slots, a (token, expert) pair appears at
+most once, so no expert receives more than T assignments.
+
+An engine executes a plan: y[t] = sum_a [token_a = t] valid_a weight_a f_{expert_a}(x_t).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+AXES = {
+    "B": "batch",
+    "L": "sequence length",
+    "T": "tokens (B * L)",
+    "D": "model dimension",
+    "F": "expert hidden width",
+    "E": "routed experts",
+    "K": "experts per token",
+    "C": "capacity per expert",
+    "A": "assignment slots",
+    "R": "grouped rows",
+    "G": "expert groups",
+}
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class RoutingPlan:
+  """A flat list of A assignments of token rows to experts.
+
+  Attributes:
+    token: int32[A], row of the flattened input x[T, D] that the slot reads.
+    expert: int32[A], expert that processes it, in [0, E).
+    weight: float32[A], combine weight; 0 where the slot is not valid.
+    valid: bool[A], False for dropped assignments, null experts, padding and
+      unused slots.
+  """
+
+  token: Array
+  expert: Array
+  weight: Array
+  valid: Array
+
+  @property
+  def num_slots(self) -> int:
+    return self.token.shape[0]
+
+  @classmethod
+  def from_topk(cls, expert_index: Array, weights: Array,
+                valid: Optional[Array] = None) -> "RoutingPlan":
+    """Plan of a tokens-choose router from `expert_index` and `weights` [T, K]."""
+    num_tokens, k = expert_index.shape
+    token = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
+    if valid is None:
+      valid = jnp.ones((num_tokens, k), dtype=bool)
+    valid = valid.reshape(-1)
+    weight = jnp.where(valid, weights.reshape(-1).astype(jnp.float32), 0.0)
+    return cls(token=token, expert=expert_index.reshape(-1).astype(jnp.int32),
+               weight=weight, valid=valid)
+
+  def masked(self, keep: Array) -> "RoutingPlan":
+    """The same plan with slots where `keep` is False made invalid."""
+    valid = self.valid & keep
+    return self.replace(valid=valid, weight=jnp.where(valid, self.weight, 0.0))
+
+
+@flax.struct.dataclass
+class RouterOutput:
+  """What a router returns.
+
+  Attributes:
+    plan: the assignments.
+    logits: float32[T, E_all], router logits (E_all counts null experts where a
+      router has them).
+    probs: float32[T, E_all], the distribution the balance losses and metrics read.
+    losses: unweighted scalar losses by name; weights come from the layer config.
+    metrics: router-specific metrics by name.
+  """
+
+  plan: RoutingPlan
+  logits: Array
+  probs: Array
+  losses: Mapping[str, Array] = flax.struct.field(default_factory=dict)
+  metrics: Mapping[str, Array] = flax.struct.field(default_factory=dict)
+
+
+@flax.struct.dataclass
+class RoutingContext:
+  """What a router may know beyond x. Every field is optional.
+
+  Attributes:
+    positions: int32[B, L], position of each token in its sequence.
+    segment_ids: int32[B, L], packed-sequence ids (0 marks padding).
+    layer: index of the MoE layer in the model.
+    step: training step, for schedules.
+    attention: float32[B, L, L], head-averaged attention probabilities of the
+      preceding attention block.
+    carry: recurrent router state handed from the previous MoE layer.
+    token_ids: int32[B, L], input token ids (hash routing).
+    capacity: an externally set capacity per expert.
+    causal: True inside a causal (decoder) model; routers that look at other
+      tokens of the sequence must refuse it.
+  """
+
+  positions: Optional[Array] = None
+  segment_ids: Optional[Array] = None
+  layer: Optional[Any] = None
+  step: Optional[Array] = None
+  attention: Optional[Array] = None
+  carry: Optional[Any] = None
+  token_ids: Optional[Array] = None
+  capacity: Optional[Any] = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)

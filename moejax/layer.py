@@ -1,0 +1,198 @@
+"""The MoE layer: router -> capacity -> engine(experts) -> combine.
+
+  y, aux = MoE(num_experts=8, top_k=2, hidden_dim=1024)(x, ctx)
+
+x [B, L, D] -> y [B, L, D]. The router turns x into a RoutingPlan; an optional
+capacity step drops (and counts) assignments over C per expert; the engine runs
+the plan with stacked experts; shared experts, if any, add a dense FFN on every
+token. `aux` carries the weighted total loss, every loss unweighted, the routing
+metrics and the final plan.
+
+Granularity m (DeepSeekMoE, Dai et al. 2024): E -> mE experts, K -> mK per token,
+F -> F/m hidden width, so active and total FLOPs stay those of (E, K, F).
+Shared experts: K_s always-on experts of width F/m, run as one dense FFN of width
+K_s * F/m.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax.core import FrozenDict
+
+from moejax import capacity, dispatch, metrics, routers, validation
+from moejax.core import RoutingContext, RoutingPlan
+from moejax.experts import FFNWeights, dense_matmul
+
+Array = jax.Array
+
+DEFAULT_LOSS_WEIGHTS = FrozenDict({"switch": 1e-2, "z": 1e-3})
+
+
+class MoEAux(flax.struct.PyTreeNode):
+  """What the MoE layer returns beside y.
+
+  Attributes:
+    loss: scalar, sum of loss_weights[name] * losses[name].
+    losses: every router loss, unweighted.
+    metrics: `load` [E] (valid assignments per expert), `max_violation`,
+      `load_cv`, `experts_per_token`, `router_entropy`, `dropped`,
+      `dropped_share`, and the router's own metrics.
+    plan: the executed RoutingPlan (after capacity), for analysis.
+  """
+
+  loss: Array
+  losses: dict[str, Array]
+  metrics: dict[str, Array]
+  plan: RoutingPlan
+
+
+class MoE(nn.Module):
+  """Mixture-of-Experts FFN. See the module docstring.
+
+  Attributes:
+    num_experts: E, routed experts before granularity.
+    hidden_dim: F, hidden width of one expert before granularity.
+    top_k: K, experts per token before granularity (routers that choose
+      differently read it as their default).
+    router: a name in moejax.routers.names().
+    router_kwargs: the router's own settings (e.g. score='sigmoid').
+    engine: `sorted` (dropless, default), `einsum` or `loop` (the oracle).
+    backend: grouped-matmul backend of `sorted`: `xla` or `ragged_dot`.
+    block_size: row tile of the `xla` backend.
+    capacity_factor: None for dropless, else C = ceil(cf * T * K / E).
+    drop_policy: `position` or `score` (see moejax.capacity).
+    expert_type: `glu` or `mlp`.
+    activation: `silu`, `gelu` or `relu`.
+    granularity: m, fine-grained expert split.
+    num_shared_experts: K_s, always-on experts.
+    loss_weights: weight of each router loss in `aux.loss`; missing names weigh 0.
+    model_dim: D, if given, checked against the input.
+    dtype: activation and expert compute dtype; routers always use float32.
+    param_dtype: parameter dtype.
+    deterministic: no training noise; may also be passed at call time.
+  """
+
+  num_experts: int
+  hidden_dim: int
+  top_k: int = 2
+  router: str = "topk"
+  router_kwargs: Mapping[str, Any] = FrozenDict()
+  engine: str = "sorted"
+  backend: str = "xla"
+  block_size: int = 128
+  capacity_factor: Optional[float] = None
+  drop_policy: str = "position"
+  expert_type: str = "glu"
+  activation: str = "silu"
+  granularity: int = 1
+  num_shared_experts: int = 0
+  loss_weights: Mapping[str, float] = DEFAULT_LOSS_WEIGHTS
+  model_dim: Optional[int] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  deterministic: Optional[bool] = None
+
+  def __post_init__(self):
+    validation.positive_int("num_experts", self.num_experts)
+    validation.positive_int("hidden_dim", self.hidden_dim)
+    validation.positive_int("top_k", self.top_k)
+    validation.positive_int("granularity", self.granularity)
+    if self.hidden_dim % self.granularity:
+      raise ValueError(f"granularity ({self.granularity}) must divide hidden_dim "
+                       f"({self.hidden_dim})")
+    validation.positive_int("num_shared_experts", self.num_shared_experts, minimum=0)
+    if self.model_dim is not None:
+      validation.positive_int("model_dim", self.model_dim)
+    capacity.validate(self.capacity_factor, self.drop_policy)
+    self._make_engine()
+    router = self._make_router(parent=None)
+    for name, weight in dict(self.loss_weights).items():
+      if name not in router.loss_names:
+        raise ValueError(f"loss_weights has {name!r}, which router {self.router!r} does "
+                         f"not return; its losses: {list(router.loss_names)}")
+      validation.in_range(f"loss_weights.{name}", weight, 0, float("inf"))
+    FFNWeights(self.expert_hidden_dim, self.routed_experts, self.expert_type,
+               self.activation, parent=None)
+    super().__post_init__()
+
+  @property
+  def routed_experts(self) -> int:
+    """mE."""
+    return self.num_experts * self.granularity
+
+  @property
+  def experts_per_token(self) -> int:
+    """mK."""
+    return self.top_k * self.granularity
+
+  @property
+  def expert_hidden_dim(self) -> int:
+    """F / m."""
+    return self.hidden_dim // self.granularity
+
+  def _make_router(self, **module_kwargs) -> nn.Module:
+    kwargs = {"num_experts": self.routed_experts, "top_k": self.experts_per_token}
+    kwargs.update(dict(self.router_kwargs))
+    return routers.create(self.router, **kwargs, **module_kwargs)
+
+  def _make_engine(self):
+    if self.engine == "sorted":
+      return dispatch.create("sorted", backend=self.backend, block_size=self.block_size)
+    return dispatch.create(self.engine)
+
+  def setup(self):
+    self.router_module = self._make_router(name="router")
+    self.experts = FFNWeights(self.expert_hidden_dim, self.routed_experts, self.expert_type,
+                              self.activation, self.dtype, self.param_dtype)
+    if self.num_shared_experts:
+      self.shared_experts = FFNWeights(
+          self.num_shared_experts * self.expert_hidden_dim, None, self.expert_type,
+          self.activation, self.dtype, self.param_dtype)
+
+  def __call__(self, x: Array, ctx: Optional[RoutingContext] = None, *,
+               deterministic: Optional[bool] = None) -> tuple[Array, MoEAux]:
+    """x [B, L, D] -> (y [B, L, D], MoEAux)."""
+    if x.ndim != 3:
+      raise ValueError(f"x must be [B, L, D], got shape {x.shape}")
+    batch, length, model_dim = x.shape
+    if self.model_dim is not None and model_dim != self.model_dim:
+      raise ValueError(f"model_dim is {self.model_dim} but x has last dimension {model_dim}")
+    deterministic = self._resolve_deterministic(deterministic)
+    ctx = RoutingContext() if ctx is None else ctx
+    num_tokens, num_experts = batch * length, self.routed_experts
+
+    routed = self.router_module(x, ctx, deterministic=deterministic)
+    plan, cap = routed.plan, None
+    drop_metrics = {"dropped": jnp.zeros((), jnp.float32),
+                    "dropped_share": jnp.zeros((), jnp.float32)}
+    if self.capacity_factor is not None:
+      cap = capacity.capacity(num_tokens, plan.num_slots // num_tokens, num_experts,
+                              self.capacity_factor)
+      plan, drop_metrics = capacity.apply_capacity(plan, routed.probs, num_experts, cap,
+                                                   self.drop_policy)
+
+    tokens = x.reshape(num_tokens, model_dim).astype(self.dtype)
+    y = self._make_engine()(tokens, plan, self.experts(model_dim), capacity=cap)
+    if self.num_shared_experts:
+      y = y + self.shared_experts(model_dim)(tokens, dense_matmul)
+
+    weights = dict(self.loss_weights)
+    loss = sum((weights.get(k, 0.0) * v for k, v in routed.losses.items()),
+               jnp.zeros((), jnp.float32))
+    aux_metrics = {**routed.metrics, **drop_metrics,
+                   **metrics.plan_metrics(plan, num_experts, num_tokens),
+                   "router_entropy": metrics.entropy(routed.probs)}
+    aux = MoEAux(loss=loss, losses=dict(routed.losses), metrics=aux_metrics, plan=plan)
+    return y.reshape(batch, length, model_dim), aux
+
+  def _resolve_deterministic(self, deterministic: Optional[bool]) -> bool:
+    if deterministic is None and self.deterministic is None:
+      if getattr(self.router_module, "uses_rng", False):
+        raise ValueError("deterministic must be given (to the layer or the call): router "
+                         f"{self.router!r} draws training noise")
+      return True
+    return nn.merge_param("deterministic", self.deterministic, deterministic)

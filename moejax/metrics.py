@@ -1,0 +1,47 @@
+"""Load statistics of a routing plan and of a router distribution.
+
+  load_e        valid assignments of expert e (counts c_e)
+  MaxVio        (max_e c_e - mean_e c_e) / mean_e c_e  (DeepSeek, aux-loss-free 2024)
+  load CV       std_e c_e / mean_e c_e
+  entropy       mean_t -sum_e p_te log p_te
+  experts/token valid assignments / T
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax import grouping
+from moejax.core import RoutingPlan
+
+Array = jax.Array
+
+
+def max_violation(counts: Array) -> Array:
+  """MaxVio = (max c - mean c) / mean c; 0 at perfect balance and for no load."""
+  counts = counts.astype(jnp.float32)
+  mean = jnp.mean(counts)
+  return jnp.where(mean > 0, (jnp.max(counts) - mean) / jnp.maximum(mean, 1e-9), 0.0)
+
+
+def coefficient_of_variation(counts: Array) -> Array:
+  counts = counts.astype(jnp.float32)
+  mean = jnp.mean(counts)
+  return jnp.where(mean > 0, jnp.std(counts) / jnp.maximum(mean, 1e-9), 0.0)
+
+
+def entropy(probs: Array) -> Array:
+  """Mean over tokens of the entropy (nats) of each row of probs [T, E]."""
+  probs = probs.astype(jnp.float32)
+  return jnp.mean(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), axis=-1))
+
+
+def plan_metrics(plan: RoutingPlan, num_experts: int, num_tokens: int) -> dict[str, Array]:
+  """Per-expert load [E] (float32 counts), MaxVio, load CV and experts per token."""
+  counts = grouping.expert_counts(plan.expert, plan.valid, num_experts).astype(jnp.float32)
+  return {
+      "load": counts,
+      "max_violation": max_violation(counts),
+      "load_cv": coefficient_of_variation(counts),
+      "experts_per_token": jnp.sum(counts) / num_tokens,
+  }

@@ -1,0 +1,163 @@
+"""Tokens choose their top-K experts.
+
+Softmax top-k: Shazeer et al. 2017, "Outrageously Large Neural Networks";
+GShard (Lepikhin et al. 2020); Switch Transformer (Fedus et al. 2021).
+With z_t = x_t W_g [T, E] and p_t = softmax(z_t):
+
+  order='softmax_topk'  select the K largest p_te; weights p_te (GShard/Switch).
+  order='topk_softmax'  select the K largest z_te; weights softmax over the K
+                        selected logits (Mixtral, Jiang et al. 2024).
+
+Sigmoid scores (DeepSeek-V3 2024): s_t = sigmoid(z_t), select the K largest s_te,
+weights s_te. The distribution the balance loss reads is s_t / sum_e s_te.
+
+Options:
+  normalize   weights / sum of the K selected weights (a no-op for topk_softmax).
+  scale       weights * scale (DeepSeek-V3's routed scaling factor).
+  noisy       noisy top-k gating (Shazeer et al. 2017), training only:
+              z_t + eps * softplus(x_t W_noise), eps ~ N(0, 1). W_noise starts at
+              zero as in the paper, so the initial noise std is softplus(0) = 0.69.
+  jitter      Switch's input jitter, training only: x * U(1 - j, 1 + j) before the
+              router.
+  num_groups, groups_selected
+              group-limited selection (DeepSeek-V2/V3): experts split into G groups
+              of E/G; a group's score is the sum of its ceil(K / G_sel) best
+              selection scores; only experts of the G_sel best groups may be chosen.
+
+Router math is float32 whatever the activation dtype. Training noise draws from
+the `router` rng stream and is off when deterministic=True.
+Losses: `switch` (balance.switch_loss over the K selections) and `z` (z_loss).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax import balance, validation
+from moejax.core import RouterOutput, RoutingContext, RoutingPlan
+from moejax.routers.registry import register
+
+Array = jax.Array
+
+SCORES = ("softmax", "sigmoid")
+ORDERS = ("softmax_topk", "topk_softmax")
+
+
+def router_logits(x: Array, num_experts: int, kernel_init: Callable[..., Any],
+                  name: str) -> Array:
+  """z = x W [T, E] in float32, W with logical axes ('embed', None)."""
+  return nn.Dense(num_experts, use_bias=False, dtype=jnp.float32,
+                  param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", None)),
+                  )(x.astype(jnp.float32))
+
+
+def group_limited_mask(scores: Array, num_groups: int, groups_selected: int,
+                       per_group: int) -> Array:
+  """bool[T, E]: experts in the `groups_selected` best of `num_groups` groups.
+
+  A group's score is the sum of its `per_group` largest entries of scores [T, E].
+  """
+  num_tokens, num_experts = scores.shape
+  grouped = scores.reshape(num_tokens, num_groups, num_experts // num_groups)
+  group_score = jnp.sum(jax.lax.top_k(grouped, per_group)[0], axis=-1)
+  _, best = jax.lax.top_k(group_score, groups_selected)
+  keep = jnp.sum(jax.nn.one_hot(best, num_groups, dtype=jnp.int32), axis=1) > 0
+  return jnp.repeat(keep, num_experts // num_groups, axis=1)
+
+
+@register("topk")
+class TopKRouter(nn.Module):
+  """Top-K tokens-choose router with softmax or sigmoid scores. See module doc."""
+
+  num_experts: int
+  top_k: int = 2
+  score: str = "softmax"
+  order: str = "softmax_topk"
+  normalize: bool = False
+  scale: float = 1.0
+  noisy: bool = False
+  jitter: float = 0.0
+  num_groups: int = 1
+  groups_selected: Optional[int] = None
+  kernel_init: Callable[..., Any] = nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal")
+
+  loss_names: ClassVar[tuple[str, ...]] = ("switch", "z")
+
+  def __post_init__(self):
+    validation.positive_int("num_experts", self.num_experts)
+    validation.positive_int("top_k", self.top_k)
+    if self.top_k > self.num_experts:
+      raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+    validation.one_of("score", self.score, SCORES)
+    validation.one_of("order", self.order, ORDERS)
+    if self.score == "sigmoid" and self.order == "topk_softmax":
+      raise ValueError("order='topk_softmax' needs score='softmax'; sigmoid scores "
+                       "are selected directly")
+    validation.in_range("scale", self.scale, 0, math.inf, low_open=True)
+    validation.in_range("jitter", self.jitter, 0, 1, high_open=True)
+    validation.positive_int("num_groups", self.num_groups)
+    if self.num_experts % self.num_groups:
+      raise ValueError(f"num_groups ({self.num_groups}) must divide num_experts "
+                       f"({self.num_experts})")
+    selected = self.num_groups if self.groups_selected is None else self.groups_selected
+    validation.positive_int("groups_selected", selected)
+    if selected > self.num_groups:
+      raise ValueError(f"groups_selected ({selected}) must be <= num_groups ({self.num_groups})")
+    if self.top_k > selected * (self.num_experts // self.num_groups):
+      raise ValueError(f"top_k ({self.top_k}) exceeds the experts in groups_selected "
+                       f"({selected} groups of {self.num_experts // self.num_groups})")
+    super().__post_init__()
+
+  @property
+  def uses_rng(self) -> bool:
+    return self.noisy or self.jitter > 0
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: Optional[RoutingContext] = None,
+               deterministic: bool = True) -> RouterOutput:
+    """x [B, L, D] (or [T, D]) -> RouterOutput with A = T * K slots."""
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if self.jitter > 0 and not deterministic:
+      x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
+                                 1.0 - self.jitter, 1.0 + self.jitter)
+    logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
+    if self.noisy:
+      noise_std = jax.nn.softplus(router_logits(
+          x, self.num_experts, nn.initializers.zeros_init(), "noise"))
+      if not deterministic:
+        logits = logits + noise_std * jax.random.normal(
+            self.make_rng("router"), logits.shape, jnp.float32)
+
+    if self.score == "sigmoid":
+      scores = jax.nn.sigmoid(logits)
+      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+      selection = scores
+    else:
+      probs = scores = jax.nn.softmax(logits, axis=-1)
+      selection = logits if self.order == "topk_softmax" else scores
+
+    selected = self.num_groups if self.groups_selected is None else self.groups_selected
+    if selected < self.num_groups:
+      per_group = min(math.ceil(self.top_k / selected), self.num_experts // self.num_groups)
+      keep = group_limited_mask(selection, self.num_groups, selected, per_group)
+      selection = jnp.where(keep, selection, -jnp.inf)
+
+    top_selection, expert_index = jax.lax.top_k(selection, self.top_k)
+    if self.order == "topk_softmax":
+      weights = jax.nn.softmax(top_selection, axis=-1)
+    else:
+      weights = jnp.take_along_axis(scores, expert_index, axis=-1)
+      if self.normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights * self.scale
+
+    losses = {"switch": balance.switch_loss(probs, expert_index, self.num_experts),
+              "z": balance.z_loss(logits)}
+    return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights),
+                        logits=logits, probs=probs, losses=losses)

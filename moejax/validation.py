@@ -1,0 +1,25 @@
+"""Checks shared by routers and the layer; each error names its field."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def positive_int(field: str, value: Any, minimum: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+
+
+def one_of(field: str, value: Any, choices: Sequence[Any]) -> None:
+  if value not in choices:
+    raise ValueError(f"{field} must be one of {tuple(choices)}, got {value!r}")
+
+
+def in_range(field: str, value: Any, low: float, high: float,
+             low_open: bool = False, high_open: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    ok = (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+  if not ok:
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    raise ValueError(f"{field} must be in {lo}{low}, {high}{hi}, got {value!r}")
