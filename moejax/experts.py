@@ -54,14 +54,19 @@ class ExpertFFN(flax.struct.PyTreeNode):
   def num_experts(self) -> int:
     return self.weights["wo"].shape[0]
 
-  def __call__(self, x: Array, matmul: Matmul) -> Array:
-    """FFN of rows x, with every product computed by matmul(h, w)."""
+  def __call__(self, x: Array, matmul: Matmul,
+               matmul_out: Optional[Matmul] = None) -> Array:
+    """FFN of rows x, every product computed by matmul(h, w).
+
+    `matmul_out`, if given, computes the output projection instead; engines use
+    it to fuse the combine into the last product.
+    """
     act = ACTIVATIONS[self.activation]
     if self.glu:
       h = act(matmul(x, self.weights["wi_gate"])) * matmul(x, self.weights["wi_up"])
     else:
       h = act(matmul(x, self.weights["wi"]))
-    return matmul(h, self.weights["wo"])
+    return (matmul_out or matmul)(h, self.weights["wo"])
 
 
 def dense_matmul(h: Array, w: Array) -> Array:

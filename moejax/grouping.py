@@ -69,3 +69,28 @@ def choice_rank(token: Array, valid: Array, num_tokens: int) -> Array:
   tokens-choose plan (slot a = t * K + k) it is k, the rank of the choice.
   """
   return position_in_expert(token, valid, num_tokens)
+
+
+def _round_up(n, multiple):
+  return (n + multiple - 1) // multiple * multiple
+
+
+def padded_layout(expert: Array, valid: Array, num_experts: int,
+                  multiple: int) -> tuple[Array, Array, int]:
+  """Places valid slots in rows grouped by expert, each group padded to `multiple`.
+
+  Group e owns rows [start_e, start_e + padded_sizes[e]); its slots fill the run
+  in slot order and padding follows.
+
+  Returns:
+    dest: int32[A], row of each slot; num_rows for invalid slots.
+    padded_sizes: int32[E], group sizes rounded up to `multiple`.
+    num_rows: static R = A + E * (multiple - 1), rounded up to `multiple`.
+  """
+  num_slots = expert.shape[0]
+  num_rows = _round_up(num_slots + num_experts * (multiple - 1), multiple)
+  position = position_in_expert(expert, valid, num_experts)
+  padded_sizes = _round_up(expert_counts(expert, valid, num_experts), multiple)
+  starts = jnp.cumsum(padded_sizes) - padded_sizes
+  dest = jnp.where(valid, starts[jnp.where(valid, expert, 0)] + position, num_rows)
+  return dest.astype(jnp.int32), padded_sizes.astype(jnp.int32), num_rows

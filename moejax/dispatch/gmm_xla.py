@@ -1,18 +1,22 @@
-"""Block-tiled grouped matmul in pure XLA, with a grouped backward.
+"""Block-tiled grouped matmuls in pure XLA, with fused dispatch and combine.
 
-  gmm(lhs [R, D], rhs [E, D, F], group_sizes [E]) -> out [R, F]
-  out[r] = lhs[r] @ rhs[e(r)], rows ordered by group; rows at or beyond
-  sum(group_sizes) are written as zeros.
+Rows live in a padded grouped layout: group e owns a run of rows whose length is
+a multiple of the tile (block_size), so every tile belongs to exactly one group
+and padding rows are zeros. `padded_sizes` [E] holds the run lengths. A
+`fori_loop` visits the live tiles only; each visit is one [block, D] x [D, F]
+matmul with the group's weights, accumulated in float32.
 
-Rows are cut into tiles of `block_size`. A tile that straddles a group boundary
-is visited once per group it touches, and each visit writes only its group's
-rows, so the work list has at most R/block_size + E - 1 items: a static bound
-(the group metadata of megablox's gmm). The loop runs over the live items only
-(`fori_loop` with a traced trip count), so padding rows cost nothing.
+  gather_gmm  out[r] = x[row_index[r]] @ W[e(r)]                  [R, F]
+              rows are read from x by index (fused dispatch: no gathered copy);
+              an index outside x reads a zero row.
+  gmm_scatter y[row_index[r]] += weight[r] * (h[r] @ W[e(r)])      [N, D]
+              results are summed into their tokens in the loop (fused combine:
+              no [R, D] output); an index outside y is dropped.
 
-The backward is grouped too (a custom VJP): d lhs = gmm(d out, rhs^T) and
-d rhs = tgmm(lhs, d out), the per-group lhs^T @ d out, accumulated in place.
-Accumulation is float32; outputs take the input dtype.
+Both carry a custom VJP that is grouped too: d x and d W of gather_gmm in one
+tiled loop (d W[e] = sum over e's tiles of x^T d out, accumulated in place), and
+d h, d W, d weight of gmm_scatter in another, where d weight[r] = <g_r W^T, h_r>
+with g_r = d y[row_index[r]], reusing the product that d h needs.
 """
 from __future__ import annotations
 
@@ -22,98 +26,122 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+F32 = jnp.float32
 
 
-def _work_items(group_sizes: Array, num_tiles: int, block_size: int):
-  """Static-length (group, tile) work list and the number of live items."""
-  num_groups = group_sizes.shape[0]
-  group_sizes = group_sizes.astype(jnp.int32)
-  ends = jnp.cumsum(group_sizes)
-  starts = ends - group_sizes
-  first = starts // block_size
-  last = (ends - 1) // block_size
-  tiles = jnp.where(group_sizes > 0, last - first + 1, 0)
-  num_items = num_tiles + num_groups - 1
-  item_group = jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), tiles,
-                          total_repeat_length=num_items)
-  item_first = jnp.cumsum(tiles) - tiles
-  item_tile = first[item_group] + jnp.arange(num_items, dtype=jnp.int32) - item_first[item_group]
-  return item_group, item_tile, jnp.sum(tiles), starts, ends
+def tile_groups(padded_sizes: Array, num_tiles: int, block_size: int) -> tuple[Array, Array]:
+  """Group of each tile [num_tiles] and the number of live tiles."""
+  tiles = (padded_sizes // block_size).astype(jnp.int32)
+  group = jnp.repeat(jnp.arange(tiles.shape[0], dtype=jnp.int32), tiles,
+                     total_repeat_length=num_tiles)
+  return group, jnp.sum(tiles)
 
 
-def _pad_rows(x: Array, block_size: int) -> Array:
-  pad = -x.shape[0] % block_size
-  return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+def _read_rows(x: Array, index: Array) -> Array:
+  return x.at[index].get(mode="fill", fill_value=0)
 
 
-def _tile_rows(tile, starts, ends, group, block_size):
-  rows = tile * block_size + jnp.arange(block_size)
-  return (rows >= starts[group]) & (rows < ends[group])
+def _tile(a: Array, i, block_size: int) -> Array:
+  return jax.lax.dynamic_slice_in_dim(a, i * block_size, block_size)
 
 
-def _gmm(lhs, rhs, group_sizes, block_size, transpose_rhs):
-  num_rows = lhs.shape[0]
-  lhs = _pad_rows(lhs, block_size)
-  num_tiles = lhs.shape[0] // block_size
-  out_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  item_group, item_tile, live, starts, ends = _work_items(group_sizes, num_tiles, block_size)
+def _put_tile(a: Array, tile: Array, i, block_size: int) -> Array:
+  return jax.lax.dynamic_update_slice_in_dim(a, tile.astype(a.dtype), i * block_size, 0)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=F32)
+
+
+# ----------------------------------------------------------------------------
+# gather_gmm: out[r] = x[row_index[r]] @ W[e(r)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def gather_gmm(x: Array, row_index: Array, rhs: Array, padded_sizes: Array,
+               block_size: int) -> Array:
+  """x [N, D], row_index [R], rhs [E, D, F], padded_sizes [E] -> [R, F]."""
+  num_rows = row_index.shape[0]
+  group, live = tile_groups(padded_sizes, num_rows // block_size, block_size)
 
   def visit(i, out):
-    group, tile = item_group[i], item_tile[i]
-    row0 = tile * block_size
-    x = jax.lax.dynamic_slice_in_dim(lhs, row0, block_size)
-    w = rhs[group]
-    y = jnp.dot(x, w.T if transpose_rhs else w, preferred_element_type=jnp.float32)
-    mask = _tile_rows(tile, starts, ends, group, block_size)
-    current = jax.lax.dynamic_slice_in_dim(out, row0, block_size)
-    tile_out = jnp.where(mask[:, None], y.astype(out.dtype), current)
-    return jax.lax.dynamic_update_slice_in_dim(out, tile_out, row0, 0)
+    rows = _read_rows(x, _tile(row_index, i, block_size))
+    return _put_tile(out, _dot(rows, rhs[group[i]]), i, block_size)
 
-  out = jnp.zeros((lhs.shape[0], out_dim), lhs.dtype)
-  out = jax.lax.fori_loop(0, live, visit, out)
-  return out[:num_rows]
+  out = jnp.zeros((num_rows, rhs.shape[2]), x.dtype)
+  return jax.lax.fori_loop(0, live, visit, out)
 
 
-def tgmm(lhs: Array, grad: Array, group_sizes: Array, block_size: int = 128) -> Array:
-  """Per-group lhs^T @ grad: [R, D], [R, F], [E] -> [E, D, F] (float32).
-
-  Groups with no rows get zeros; rows beyond sum(group_sizes) are ignored.
-  """
-  lhs = _pad_rows(lhs, block_size)
-  grad = _pad_rows(grad, block_size)
-  num_tiles = lhs.shape[0] // block_size
-  num_groups = group_sizes.shape[0]
-  item_group, item_tile, live, starts, ends = _work_items(group_sizes, num_tiles, block_size)
-
-  def visit(i, acc):
-    group, tile = item_group[i], item_tile[i]
-    row0 = tile * block_size
-    mask = _tile_rows(tile, starts, ends, group, block_size)
-    x = jax.lax.dynamic_slice_in_dim(lhs, row0, block_size)
-    x = jnp.where(mask[:, None], x, jnp.zeros_like(x))
-    g = jax.lax.dynamic_slice_in_dim(grad, row0, block_size)
-    update = jnp.dot(x.T, g, preferred_element_type=jnp.float32)
-    return acc.at[group].add(update)
-
-  acc = jnp.zeros((num_groups, lhs.shape[1], grad.shape[1]), jnp.float32)
-  return jax.lax.fori_loop(0, live, visit, acc)
+def _gather_gmm_fwd(x, row_index, rhs, padded_sizes, block_size):
+  out = gather_gmm(x, row_index, rhs, padded_sizes, block_size)
+  return out, (x, row_index, rhs, padded_sizes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gmm(lhs: Array, rhs: Array, group_sizes: Array, block_size: int = 128) -> Array:
-  """Grouped matmul [R, D] x [E, D, F] -> [R, F]; see the module docstring."""
-  return _gmm(lhs, rhs, group_sizes, block_size, transpose_rhs=False)
+def _gather_gmm_bwd(block_size, residuals, grad):
+  x, row_index, rhs, padded_sizes = residuals
+  group, live = tile_groups(padded_sizes, row_index.shape[0] // block_size, block_size)
+
+  def visit(i, carry):
+    d_x, d_rhs = carry
+    index = _tile(row_index, i, block_size)
+    g = _tile(grad, i, block_size)
+    w = rhs[group[i]]
+    d_x = d_x.at[index].add(_dot(g, w.T), mode="drop")
+    d_rhs = d_rhs.at[group[i]].add(_dot(_read_rows(x, index).T, g))
+    return d_x, d_rhs
+
+  init = (jnp.zeros(x.shape, F32), jnp.zeros(rhs.shape, F32))
+  d_x, d_rhs = jax.lax.fori_loop(0, live, visit, init)
+  return d_x.astype(x.dtype), None, d_rhs.astype(rhs.dtype), None
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, block_size):
-  return gmm(lhs, rhs, group_sizes, block_size), (lhs, rhs, group_sizes)
+gather_gmm.defvjp(_gather_gmm_fwd, _gather_gmm_bwd)
 
 
-def _gmm_bwd(block_size, residuals, grad):
-  lhs, rhs, group_sizes = residuals
-  d_lhs = _gmm(grad.astype(lhs.dtype), rhs, group_sizes, block_size, transpose_rhs=True)
-  d_rhs = tgmm(lhs, grad, group_sizes, block_size).astype(rhs.dtype)
-  return d_lhs, d_rhs, None
+# ----------------------------------------------------------------------------
+# gmm_scatter: y[row_index[r]] += weight[r] * (h[r] @ W[e(r)])
 
 
-gmm.defvjp(_gmm_fwd, _gmm_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def gmm_scatter(h: Array, rhs: Array, padded_sizes: Array, row_index: Array,
+                weight: Array, num_out: int, block_size: int) -> Array:
+  """h [R, F], rhs [E, F, D], padded_sizes [E], row_index [R], weight [R] -> [N, D]."""
+  group, live = tile_groups(padded_sizes, h.shape[0] // block_size, block_size)
+
+  def visit(i, y):
+    out = _dot(_tile(h, i, block_size), rhs[group[i]])
+    w = _tile(weight, i, block_size).astype(F32)
+    return y.at[_tile(row_index, i, block_size)].add(out * w[:, None], mode="drop")
+
+  y = jax.lax.fori_loop(0, live, visit, jnp.zeros((num_out, rhs.shape[2]), F32))
+  return y.astype(h.dtype)
+
+
+def _gmm_scatter_fwd(h, rhs, padded_sizes, row_index, weight, num_out, block_size):
+  y = gmm_scatter(h, rhs, padded_sizes, row_index, weight, num_out, block_size)
+  return y, (h, rhs, padded_sizes, row_index, weight)
+
+
+def _gmm_scatter_bwd(num_out, block_size, residuals, grad):
+  h, rhs, padded_sizes, row_index, weight = residuals
+  group, live = tile_groups(padded_sizes, h.shape[0] // block_size, block_size)
+
+  def visit(i, carry):
+    d_h, d_rhs, d_weight = carry
+    g = _read_rows(grad, _tile(row_index, i, block_size)).astype(F32)
+    w = _tile(weight, i, block_size).astype(F32)
+    h_tile = _tile(h, i, block_size)
+    rhs_g = rhs[group[i]]
+    g_rhs = _dot(g, rhs_g.T.astype(F32))                    # [block, F]
+    d_h = _put_tile(d_h, g_rhs * w[:, None], i, block_size)
+    d_weight = _put_tile(d_weight, jnp.sum(g_rhs * h_tile.astype(F32), axis=-1), i, block_size)
+    d_rhs = d_rhs.at[group[i]].add(_dot(h_tile.T.astype(F32), g * w[:, None]))
+    return d_h, d_rhs, d_weight
+
+  init = (jnp.zeros(h.shape, F32), jnp.zeros(rhs.shape, F32), jnp.zeros(weight.shape, F32))
+  d_h, d_rhs, d_weight = jax.lax.fori_loop(0, live, visit, init)
+  return (d_h.astype(h.dtype), d_rhs.astype(rhs.dtype), None, None,
+          d_weight.astype(weight.dtype))
+
+
+gmm_scatter.defvjp(_gmm_scatter_fwd, _gmm_scatter_bwd)

@@ -1,12 +1,15 @@
-"""The sorted engine: dropless execution with a grouped matmul (the default).
+"""The sorted engine: dropless execution with grouped matmuls (the default).
 
-  order        stable argsort of the slots by expert, invalid slots last
-  rows         x[token[order]]                         [A, D], grouped by expert
-  out          FFN of rows, every product a grouped matmul over group_sizes [E]
-  y[t]         sum of weight * out over the slots of token t (a segment sum)
+  dest          row of each valid slot in a layout grouped by expert, each group
+                padded to the backend's row multiple (grouping.padded_layout)
+  row_index     token read by each row [R]; padding rows read nothing
+  h             first FFN products, x[row_index] @ W_i[e], grouped   [R, F]
+  y[t]          sum over the rows of token t of weight * (h @ W_o[e])  [T, D]
 
-Memory is O(A * D) for any E; nothing is dropped that the plan keeps. The grouped
-matmul backend is `xla` (block-tiled, pure XLA) or `ragged_dot` (dispatch/gmm.py).
+Dispatch and combine go through the backend (dispatch/gmm.py): `xla` fuses both
+into its tiled matmuls, so no [A, D] copy of the tokens is made; `ragged_dot`
+gathers, multiplies and segment-sums. Memory is O(A * F) activations for any E,
+and nothing the plan keeps is dropped.
 """
 from __future__ import annotations
 
@@ -37,17 +40,22 @@ class SortedEngine:
   block_size: int = 128
 
   def __post_init__(self):
-    gmm_backends.get(self.backend, self.block_size)  # validates both fields
+    gmm_backends.create(self.backend, self.block_size)  # validates both fields
 
   def __call__(self, x: Array, plan: RoutingPlan, ffn: ExpertFFN,
                capacity: Optional[int] = None) -> Array:
     """x [T, D], plan over A slots -> y [T, D]. `capacity` is not used."""
     del capacity
-    gmm = gmm_backends.get(self.backend, self.block_size)
-    order, group_sizes = grouping.sort_by_expert(plan.expert, plan.valid, ffn.num_experts)
-    token = plan.token[order]
-    out = ffn(x[token], lambda h, w: gmm(h, w, group_sizes))
-    weight = jnp.where(plan.valid, plan.weight, 0.0)[order].astype(jnp.float32)
-    y = jax.ops.segment_sum(out.astype(jnp.float32) * weight[:, None], token,
-                            num_segments=x.shape[0])
-    return y.astype(x.dtype)
+    num_tokens = x.shape[0]
+    backend = gmm_backends.create(self.backend, self.block_size)
+    dest, padded_sizes, num_rows = grouping.padded_layout(
+        plan.expert, plan.valid, ffn.num_experts, backend.row_multiple)
+    row_index = jnp.full((num_rows,), num_tokens, jnp.int32).at[dest].set(
+        plan.token, mode="drop")
+    weight = jnp.where(plan.valid, plan.weight, 0.0)
+    row_weight = jnp.zeros((num_rows,), weight.dtype).at[dest].set(weight, mode="drop")
+    return ffn(
+        x,
+        lambda x, w: backend.gather_gmm(x, row_index, w, padded_sizes),
+        lambda h, w: backend.gmm_scatter(h, w, padded_sizes, row_index, row_weight,
+                                         num_tokens))
