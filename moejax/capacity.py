@@ -38,9 +38,14 @@ def validate(capacity_factor: Optional[float], drop_policy: str) -> None:
 
 def capacity(num_tokens: int, slots_per_token: int, num_experts: int,
              capacity_factor: float) -> int:
-  """C = ceil(capacity_factor * T * K / E), at least 1."""
+  """C = ceil(capacity_factor * T * K / E), at least 1.
+
+  The product is rounded to 9 significant digits first, so that a factor such as
+  1.1, which float64 holds as 1.1000000000000001, does not add a slot.
+  """
   validate(capacity_factor, "position")
-  return max(1, math.ceil(capacity_factor * num_tokens * slots_per_token / num_experts))
+  exact = capacity_factor * num_tokens * slots_per_token / num_experts
+  return max(1, math.ceil(float(f"{exact:.9g}")))
 
 
 def token_priority(probs: Array, policy: str) -> Array:

@@ -108,7 +108,12 @@ class MoE(nn.Module):
     if self.model_dim is not None:
       validation.positive_int("model_dim", self.model_dim)
     capacity.validate(self.capacity_factor, self.drop_policy)
-    self._make_engine()
+    validation.one_of("engine", self.engine, tuple(dispatch.names()))
+    dispatch.gmm_backends.create(self.backend, self.block_size)
+    for reserved in ("num_experts", "top_k"):
+      if reserved in self.router_kwargs:
+        raise ValueError(f"router_kwargs.{reserved} is set by the layer (its {reserved} "
+                         f"and granularity); set MoE.{reserved} instead")
     router = self._make_router(parent=None)
     for name, weight in dict(self.loss_weights).items():
       if name not in router.loss_names:

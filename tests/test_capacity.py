@@ -27,6 +27,8 @@ from moejax.core import RoutingPlan
     (3, 1, 8, 0.5, 1),        # ceil(.5 * 3 / 8) = ceil(.1875)         = 1
     (1, 1, 64, 0.01, 1),      # ceil(.01 / 64) = 1, and never below 1
     (4096, 2, 64, 1.5, 192),  # 1.5 * 8192 / 64 = 192 exactly
+    (200, 2, 8, 1.1, 55),     # 1.1 * 400 / 8 = 55; float64 gives 55.000000000000007
+    (50, 1, 1, 1.1, 55),      # 1.1 * 50 = 55; float64 gives 55.000000000000007
 ])
 def test_capacity_formula(tokens, k, experts, factor, expected):
   assert capacity.capacity(tokens, k, experts, factor) == expected

@@ -414,3 +414,13 @@ def test_router_switch_loss_matches_balance():
   out = _route(router, SIGMOID_LOGITS)
   expected = balance.switch_loss(out.probs, out.plan.expert.reshape(3, 2), 4)
   np.testing.assert_allclose(out.losses["switch"], expected, rtol=1e-6)
+
+
+def test_sigmoid_probs_stay_finite_when_every_score_underflows():
+  # Logits of -120 make float32 sigmoid 0 for every expert; s / sum(s) is then
+  # computed as softmax(log sigmoid(z)) = uniform 1/4, and normalized weights 1/2.
+  router = routers.create("topk", num_experts=4, top_k=2, score="sigmoid", normalize=True)
+  out = _route(router, np.full((1, 4), -120.0))
+  np.testing.assert_allclose(out.probs, np.full((1, 4), 0.25), rtol=1e-6)
+  np.testing.assert_allclose(out.plan.weight, [0.5, 0.5], rtol=1e-6)
+  assert np.isfinite(float(out.losses["switch"]))

@@ -61,6 +61,9 @@ def test_valid_settings_construct():
     ({"loss_weights": {"switch": -1e-2}}, "loss_weights.switch"),
     ({"loss_weights": {"z": float("nan")}}, "loss_weights.z"),
     ({"loss_weights": {"entropy": 1e-2}}, "loss_weights"),      # not a topk loss
+    ({"router_kwargs": {"num_experts": 2}}, "router_kwargs.num_experts"),  # layer's field
+    ({"router_kwargs": {"top_k": 1}}, "router_kwargs.top_k"),
+    ({"engine": "loop", "backend": "no_such_backend"}, "backend"),  # checked for any engine
 ])
 def test_moe_rejects_bad_settings_at_construction(overrides, field):
   with pytest.raises(ValueError, match=field):

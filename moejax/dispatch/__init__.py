@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from moejax import validation
 from moejax.dispatch.einsum import EinsumEngine
+from moejax.dispatch import gmm as gmm_backends
 from moejax.dispatch.gmm import BACKENDS
 from moejax.dispatch.loop import LoopEngine
 from moejax.dispatch.sorted import SortedEngine
@@ -34,4 +35,4 @@ def create(name: str, /, **kwargs):
     raise ValueError(f"engine {name!r} does not take settings {sorted(kwargs)}: {e}") from None
 
 
-__all__ = ["BACKENDS", "EinsumEngine", "LoopEngine", "SortedEngine", "create", "names"]
+__all__ = ["BACKENDS", "gmm_backends", "EinsumEngine", "LoopEngine", "SortedEngine", "create", "names"]

@@ -135,8 +135,9 @@ class TopKRouter(nn.Module):
             self.make_rng("router"), logits.shape, jnp.float32)
 
     if self.score == "sigmoid":
+      # s / sum(s) as a softmax of log-sigmoids: finite even when every s underflows.
       scores = jax.nn.sigmoid(logits)
-      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+      probs = jax.nn.softmax(jax.nn.log_sigmoid(logits), axis=-1)
       selection = scores
     else:
       probs = scores = jax.nn.softmax(logits, axis=-1)
@@ -151,10 +152,13 @@ class TopKRouter(nn.Module):
     top_selection, expert_index = jax.lax.top_k(selection, self.top_k)
     if self.order == "topk_softmax":
       weights = jax.nn.softmax(top_selection, axis=-1)
+    elif self.normalize:
+      # p / sum(p) and s / sum(s) over the K selected, as softmaxes of log-scores.
+      log_scores = (jax.nn.log_sigmoid(logits) if self.score == "sigmoid"
+                    else jax.nn.log_softmax(logits, axis=-1))
+      weights = jax.nn.softmax(jnp.take_along_axis(log_scores, expert_index, axis=-1), axis=-1)
     else:
       weights = jnp.take_along_axis(scores, expert_index, axis=-1)
-      if self.normalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights * self.scale
 
     losses = {"switch": balance.switch_loss(probs, expert_index, self.num_experts),
