@@ -115,11 +115,23 @@ def test_padded_layout_by_hand():
   np.testing.assert_array_equal(dest, [2, 0, 3, 8, 4])
 
 
-def test_tile_groups_by_hand():
-  """padded [4, 0, 8] with tile 4: tiles of groups 0, 2, 2; 3 live of 5."""
-  group, live = gmm_xla.tile_groups(jnp.array([4, 0, 8]), 5, 4)
-  assert int(live) == 3
-  np.testing.assert_array_equal(np.asarray(group)[:3], [0, 2, 2])
+def test_fused_ops_by_hand():
+  """Two groups of one tile (2 rows) each; W_in = (I, 2I), W_out = (I, I).
+
+  x = [[1, 2], [3, 4]]; row_index = [0, 2, 1, 0] (2 is outside x: a zero row).
+  gather_gmm: [[1, 2], [0, 0], 2*[3, 4], 2*[1, 2]] = [[1, 2], [0, 0], [6, 8], [2, 4]].
+  gmm_scatter with weights [1, 0, .5, .25]:
+    y0 = 1*[1, 2] + .25*[2, 4] = [1.5, 3];  y1 = .5*[6, 8] = [3, 4].
+  """
+  x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+  eye = jnp.eye(2)
+  row_index = jnp.array([0, 2, 1, 0], jnp.int32)
+  padded = jnp.array([2, 2], jnp.int32)
+  h = gmm_xla.gather_gmm(x, row_index, jnp.stack([eye, 2 * eye]), padded, 2)
+  np.testing.assert_allclose(h, [[1, 2], [0, 0], [6, 8], [2, 4]])
+  y = gmm_xla.gmm_scatter(h, jnp.stack([eye, eye]), padded, row_index,
+                          jnp.array([1.0, 0.0, 0.5, 0.25]), 2, 2)
+  np.testing.assert_allclose(y, [[1.5, 3.0], [3.0, 4.0]])
 
 
 def test_bfloat16_accumulates_in_float32():
