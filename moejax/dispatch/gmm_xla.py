@@ -67,7 +67,17 @@ def _put_tile(a: Array, tile: Array, row) -> Array:
   return jax.lax.dynamic_update_slice_in_dim(a, tile.astype(a.dtype), row, 0)
 
 
+def _operand(a: Array) -> Array:
+  """Matmul operand dtype. The CPU has no fast half-precision GEMM and XLA would
+  convert inside every tile, so there half precision is widened once, up front
+  (exact: products are accumulated in float32 either way)."""
+  if jax.default_backend() == "cpu" and jnp.dtype(a.dtype).itemsize < 4:
+    return a.astype(F32)
+  return a
+
+
 def _dot(a, b):
+  a = _operand(a)
   return jnp.dot(a, b.astype(a.dtype), preferred_element_type=F32)
 
 
@@ -80,7 +90,7 @@ def gather_gmm(x: Array, row_index: Array, rhs: Array, padded_sizes: Array,
                block_size: int) -> Array:
   """x [N, D], row_index [R], rhs [E, D, F], padded_sizes [E] -> [R, F]."""
   def visit_group(e, tiled, out):
-    w = rhs[e]
+    w = _operand(rhs[e])
 
     def visit(row, size, out):
       rows = _read_rows(x, _tile(row_index, row, size))
@@ -101,7 +111,7 @@ def _gather_gmm_bwd(block_size, residuals, grad):
 
   def visit_group(e, tiled, carry):
     d_x, d_rhs = carry
-    w_t = rhs[e].T
+    w_t = _operand(rhs[e]).T
 
     def visit(row, size, c):
       d_x, acc = c
@@ -129,7 +139,7 @@ def gmm_scatter(h: Array, rhs: Array, padded_sizes: Array, row_index: Array,
                 weight: Array, num_out: int, block_size: int) -> Array:
   """h [R, F], rhs [E, F, D], padded_sizes [E], row_index [R], weight [R] -> [N, D]."""
   def visit_group(e, tiled, y):
-    w = rhs[e]
+    w = _operand(rhs[e])
 
     def visit(row, size, y):
       out = _dot(_tile(h, row, size), w)
@@ -152,7 +162,7 @@ def _gmm_scatter_bwd(num_out, block_size, residuals, grad):
 
   def visit_group(e, tiled, carry):
     d_h, d_rhs, d_weight = carry
-    w_t = rhs[e].T
+    w_t = _operand(rhs[e]).T
 
     def visit(row, size, c):
       d_h, d_weight, acc = c
@@ -162,7 +172,7 @@ def _gmm_scatter_bwd(num_out, block_size, residuals, grad):
       g_w = _dot(g, w_t)                                    # [size, F]
       d_h = _put_tile(d_h, g_w * scale, row)
       d_weight = _put_tile(d_weight, jnp.sum(g_w * h_tile.astype(F32), axis=-1), row)
-      acc = acc + _dot(h_tile.T, (g.astype(F32) * scale).astype(h.dtype))
+      acc = acc + _dot(h_tile.T, g.astype(F32) * scale)
       return d_h, d_weight, acc
     d_h, d_weight, acc = tiled(visit, (d_h, d_weight, jnp.zeros(rhs.shape[1:], F32)))
     return d_h, d_rhs.at[e].set(acc.astype(d_rhs.dtype)), d_weight
