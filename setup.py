@@ -16,13 +16,18 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
+        # Data pipeline and training: everything `python -m moejax.main` needs.
         "data": [
             "tensorflow-datasets>=4.9.7",
             "array-record>=0.5.1",
-            "grain>=0.2.2",
+            "grain>=0.2.10",
+            "importlib-resources",
             "ml-collections>=0.1.1",
             "absl-py>=2.1.0",
             "orbax-checkpoint>=0.9.0",
+            "tensorboardX>=2.6",
+            "matplotlib>=3.8",
+            "tqdm>=4.66",
         ],
         "notebooks": ["jupyter", "nbclient>=0.10", "ipykernel", "matplotlib>=3.8"],
         "dev": ["pytest>=8.0", "hypothesis>=6.100", "chex>=0.1.87"],

@@ -1,0 +1,49 @@
+"""Entry point: train a model from an ml_collections config.
+
+  python -m moejax.main --config=configs/lm_tiny.py --workdir=/tmp/lm_tiny \\
+      [--config.moe.router=topk --config.moe.num_experts=16 ...]
+
+Every config field can be overridden on the command line. A bad value stops the
+run at start-up with one line naming the field; a dataset that is not prepared
+stops it with the command that prepares it. Rerunning the same command resumes
+from the latest checkpoint in the workdir. Multi-host: pass --distributed (or set
+MOEJAX_DISTRIBUTED=1) to call jax.distributed.initialize(), which reads the
+cluster from the environment (Cloud TPU, SLURM, or JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed or os.environ.get("MOEJAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+  from moejax.data import DatasetNotReady  # pylint: disable=g-import-not-at-top
+  from moejax.train import setup, train  # pylint: disable=g-import-not-at-top
+  try:
+    setup.check(FLAGS.config)
+  except ValueError as e:
+    sys.exit(f"config error: {e}")
+  try:
+    train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+  except DatasetNotReady as e:
+    sys.exit(f"data error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,136 @@
+"""From an experiment config to the objects the trainer runs, checked at start-up.
+
+The config (an ml_collections ConfigDict, see configs/lm_tiny.py) has sections
+`data`, `model`, `moe`, `train`, `mesh` and a `seed`. `check(config)` validates
+every value that can be checked before data or compilation and raises ValueError
+naming the field (`train.batch_size`, `moe.top_k`, ...).
+
+MoE settings: the fields of `config.moe` are MoE layer attributes, except that
+the router's own settings live in a sub-section named after the router, e.g.
+`config.moe.topk.score`; only the chosen router's section is used.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from moejax import routers, validation
+from moejax.data.pipeline import PipelineSpec
+from moejax.models import TransformerLM
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MOE_FIELDS = ("num_experts", "hidden_dim", "top_k", "router", "engine", "backend",
+              "block_size", "capacity_factor", "drop_policy", "expert_type", "activation",
+              "granularity", "num_shared_experts", "loss_weights")
+
+
+def _plain(value: Any) -> Any:
+  """ConfigDicts (and FrozenConfigDicts) to plain dicts, recursively."""
+  if hasattr(value, "to_dict"):
+    return {k: _plain(v) for k, v in value.to_dict().items()}
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
+
+
+def moe_settings(config) -> Optional[dict[str, Any]]:
+  """MoE layer kwargs from config.moe, or None for a dense model (model.moe_every 0)."""
+  if config.model.moe_every == 0:
+    return None
+  moe = _plain(config.moe)
+  kwargs = {k: moe[k] for k in MOE_FIELDS if k in moe}
+  unknown = sorted(set(moe) - set(MOE_FIELDS) - set(routers.names()))
+  if unknown:
+    raise ValueError(f"moe has unknown fields {unknown}; MoE fields: {list(MOE_FIELDS)}, "
+                     f"router sections: {routers.names()}")
+  kwargs["router_kwargs"] = moe.get(kwargs.get("router", "topk"), {}) or {}
+  kwargs["router_kwargs"] = {k: v for k, v in kwargs["router_kwargs"].items() if v is not None}
+  return kwargs
+
+
+def build_model(config) -> TransformerLM:
+  """The TransformerLM of config.model and config.moe (validated on construction)."""
+  m = config.model
+  validation.one_of("model.dtype", m.dtype, tuple(DTYPES))
+  if m.moe_every != 0:
+    validation.positive_int("model.moe_every", m.moe_every)
+  try:
+    return TransformerLM(
+        vocab_size=vocab_size(config), num_layers=m.num_layers, model_dim=m.model_dim,
+        num_heads=m.num_heads, head_dim=m.get("head_dim"), mlp_dim=m.mlp_dim,
+        moe=moe_settings(config), moe_every=max(m.moe_every, 1),
+        expert_type=m.expert_type, activation=m.activation,
+        tie_embeddings=m.tie_embeddings, dtype=DTYPES[m.dtype], parent=None)
+  except ValueError as e:
+    message = str(e)
+    if not message.startswith(("model.", "moe.")):
+      message = f"moe.{message}" if config.model.moe_every else f"model.{message}"
+    raise ValueError(message) from None
+
+
+def vocab_size(config) -> int:
+  return tokenizer(config).vocab_size
+
+
+def tokenizer(config):
+  from moejax.data import tokenizer as make_tokenizer  # pylint: disable=g-import-not-at-top
+  return make_tokenizer(config.data.tokenizer, config.data.get("tokenizer_model") or None)
+
+
+def mesh_shape(config, num_devices: Optional[int] = None) -> tuple[int, int, int]:
+  """(data, expert, model); data = -1 takes the devices left over."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  data, expert, model = config.mesh.data, config.mesh.expert, config.mesh.model
+  validation.positive_int("mesh.expert", expert)
+  validation.positive_int("mesh.model", model)
+  if data == -1:
+    if num_devices % (expert * model):
+      raise ValueError(f"mesh.expert * mesh.model = {expert * model} does not divide the "
+                       f"{num_devices} devices")
+    data = num_devices // (expert * model)
+  validation.positive_int("mesh.data", data)
+  if data * expert * model != num_devices:
+    raise ValueError(f"mesh.data*expert*model = {data * expert * model}, but there are "
+                     f"{num_devices} devices")
+  return data, expert, model
+
+
+def pipeline_spec(config, split: str, training: bool) -> PipelineSpec:
+  d, t = config.data, config.train
+  per_process = t.batch_size // jax.process_count()
+  return PipelineSpec(
+      name=d.name, data_dir=d.data_dir, split=split, seq_len=d.seq_len,
+      batch_size=per_process if training else t.eval_batch_size // jax.process_count(),
+      seed=config.seed, shuffle=training, text_key=d.text_key,
+      domain_key=d.get("domain_key") or None)
+
+
+def check(config) -> None:
+  """Validates the config; raises ValueError naming the first bad field."""
+  validation.positive_int("seed", config.seed, minimum=0)
+  d, t = config.data, config.train
+  if not d.name:
+    raise ValueError("data.name must name a TFDS dataset")
+  validation.positive_int("data.seq_len", d.seq_len)
+  validation.one_of("data.tokenizer", d.tokenizer, ("byte", "sentencepiece"))
+  for field in ("batch_size", "eval_batch_size", "num_microbatches", "steps", "log_every",
+                "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    validation.positive_int(f"train.{field}", t[field])
+  validation.positive_int("train.warmup_steps", t.warmup_steps, minimum=0)
+  validation.in_range("train.learning_rate", t.learning_rate, 0, 10, low_open=True)
+  validation.in_range("train.weight_decay", t.weight_decay, 0, 10)
+  validation.in_range("train.grad_clip", t.grad_clip, 0, float("inf"), low_open=True)
+  if t.batch_size % t.num_microbatches:
+    raise ValueError(f"train.num_microbatches ({t.num_microbatches}) must divide "
+                     f"train.batch_size ({t.batch_size})")
+  data_parallel = mesh_shape(config)[0]
+  micro = t.batch_size // t.num_microbatches
+  if micro % data_parallel:
+    raise ValueError(f"train.batch_size / train.num_microbatches = {micro} rows must divide "
+                     f"over mesh.data = {data_parallel} devices")
+  if t.eval_batch_size % data_parallel:
+    raise ValueError(f"train.eval_batch_size ({t.eval_batch_size}) must divide over "
+                     f"mesh.data = {data_parallel} devices")
+  build_model(config)

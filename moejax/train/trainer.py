@@ -1,0 +1,179 @@
+"""The training loop: data, model, optimizer, checkpoints, evaluation, report.
+
+  train(config, workdir) -> final evaluation metrics
+
+Resumes automatically from the latest checkpoint in the workdir: parameters,
+optimizer state, `routing` collection and data position are restored, and the
+step's random key is fold_in(seed, step), so a resumed run computes the same
+losses as an uninterrupted one. Progress goes to stderr (a tqdm bar with loss,
+tokens/s and ETA); metrics go to <workdir>/metrics.jsonl and TensorBoard.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moejax.data import make_dataset
+from moejax.parallel import LOGICAL_RULES, make_mesh
+from moejax.train import setup
+from moejax.train.checkpoints import Checkpointer, abstract_like
+from moejax.train.report import write_report
+from moejax.train.state import TrainState, make_optimizer
+from moejax.train.step import make_eval_step, make_train_step, split_batch
+from moejax.train.writers import MetricWriter
+
+LN2 = math.log(2.0)
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Pads a short last eval batch with padding rows (segment 0: not counted)."""
+  have = next(iter(batch.values())).shape[0]
+  if have == rows:
+    return batch
+  return {k: np.concatenate([v, np.zeros((rows - have,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+def init_state(model: nn.Module, tx, config, mesh) -> tuple[TrainState, Any]:
+  """Sharded initial state and its shardings (from the parameters' logical axes)."""
+  rows = config.train.batch_size // config.train.num_microbatches
+  tokens = jnp.zeros((rows, config.data.seq_len), jnp.int32)
+
+  def init(key):
+    variables = model.init({"params": key}, tokens, deterministic=True)
+    params = variables["params"]
+    routing = variables.get("routing", {})
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=tx.init(nn.meta.unbox(params)), routing=routing)
+    return state
+
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  specs = nn.get_partition_spec(abstract)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+  state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(
+      jax.random.PRNGKey(config.seed))
+  return state, shardings
+
+
+def evaluate(state, eval_step, config, mesh, tokenizer) -> dict[str, Any]:
+  """Loss, bits per byte and mean routing metrics over the first eval batches."""
+  spec = setup.pipeline_spec(config, config.data.eval_split, training=False)
+  sharding = NamedSharding(mesh, P("data"))
+  totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+  layer_sums, batches = None, 0
+  for batch in make_dataset(spec, tokenizer, prepare=False):
+    if batches == config.train.eval_batches:
+      break
+    batch = _pad_rows(batch, spec.batch_size)
+    rows = split_batch(batch)
+    totals["bytes"] += float(np.sum(tokenizer.token_bytes(rows["targets"]) * rows["mask"]))
+    out = jax.device_get(eval_step(state, _global_batch(batch, sharding)))
+    totals["nll_sum"] += float(out["nll_sum"])
+    totals["tokens"] += float(out["tokens"])
+    layer_sums = out["layers"] if layer_sums is None else jax.tree_util.tree_map(
+        np.add, layer_sums, out["layers"])
+    batches += 1
+  layers = jax.tree_util.tree_map(lambda a: np.asarray(a) / max(batches, 1), layer_sums or {})
+  return {"loss": totals["nll_sum"] / max(totals["tokens"], 1.0),
+          "bits_per_byte": totals["nll_sum"] / LN2 / max(totals["bytes"], 1.0),
+          "tokens": totals["tokens"], "layers": layers}
+
+
+def _scalar_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+  """Train metrics without per-layer vectors: per-layer scalars are averaged."""
+  out = {k: float(v) for k, v in metrics.items() if k != "layers"}
+  layers = metrics.get("layers", {})
+  for key in ("max_violation", "dropped_share", "experts_per_token", "router_entropy"):
+    values = [float(m[key]) for m in layers.values() if key in m]
+    if values:
+      out[f"mean_{key}"] = float(np.mean(values))
+  return out
+
+
+def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
+  """Trains the config's model in workdir; returns the final evaluation."""
+  setup.check(config)
+  tokenizer = setup.tokenizer(config)
+  model = setup.build_model(config)
+  mesh = make_mesh(*setup.mesh_shape(config))
+  t = config.train
+  tx = make_optimizer(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
+
+  train_iter: Iterator = iter(make_dataset(
+      setup.pipeline_spec(config, config.data.train_split, training=True), tokenizer))
+  state, shardings = init_state(model, tx, config, mesh)
+  checkpointer = Checkpointer(workdir, t.keep_checkpoints)
+  start = checkpointer.latest_step() or 0
+  if start:
+    state = checkpointer.restore(start, abstract_like(state), train_iter)
+    _log(f"resumed from checkpoint at step {start} in {checkpointer.directory}")
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  _log(f"model: {num_params / 1e6:.2f}M parameters, {len(jax.devices())} device(s), "
+       f"mesh {dict(mesh.shape)}; training steps {start}..{t.steps} in {workdir}")
+
+  batch_sharding = NamedSharding(mesh, P("data"))
+  train_step = jax.jit(make_train_step(model, tx, t.num_microbatches),
+                       in_shardings=(shardings, batch_sharding, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  base_key = jax.random.PRNGKey(config.seed)
+
+  bar = None
+  if progress and jax.process_index() == 0:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+               dynamic_ncols=True)
+  tokens_seen, window_start, evaluation = 0.0, time.time(), None
+  for step in range(start, t.steps):
+    batch = _global_batch(next(train_iter), batch_sharding)
+    state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+    done = step + 1
+    if done % t.log_every == 0 or done == t.steps:
+      metrics = jax.device_get(metrics)
+      tokens_seen += float(metrics["tokens"]) * t.log_every
+      elapsed = time.time() - window_start
+      summary = _scalar_summary(metrics)
+      summary["tokens_per_s"] = float(metrics["tokens"]) * t.log_every / max(elapsed, 1e-9)
+      writer.write(done, "train", {**summary, "layers": metrics["layers"]})
+      if bar is not None:
+        bar.set_postfix(loss=f"{summary['loss']:.3f}",
+                        tok_s=f"{summary['tokens_per_s']:.0f}")
+      window_start = time.time()
+    if bar is not None:
+      bar.update(1)
+    if done % t.eval_every == 0 or done == t.steps:
+      evaluation = evaluate(state, eval_step, config, mesh, tokenizer)
+      writer.write(done, "eval", evaluation)
+      _log(f"\nstep {done}: eval loss {evaluation['loss']:.4f}, "
+           f"bits per byte {evaluation['bits_per_byte']:.4f}")
+    if done % t.checkpoint_every == 0 or done == t.steps:
+      checkpointer.save(done, state, train_iter)
+  if bar is not None:
+    bar.close()
+  if evaluation is None:
+    evaluation = evaluate(state, eval_step, config, mesh, tokenizer)
+  if jax.process_index() == 0:
+    write_report(workdir, t.steps, evaluation)
+    _log(f"routing report: {os.path.join(workdir, 'routing_report.md')}")
+  writer.close()
+  checkpointer.close()
+  return evaluation

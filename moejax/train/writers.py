@@ -1,0 +1,55 @@
+"""Metric writers: a JSONL file (one object per record) and TensorBoard events.
+
+  <workdir>/metrics.jsonl   {"step": 20, "split": "train", "loss": 3.1, ...}
+  <workdir>/tensorboard/    event files (tensorboardX; no TensorFlow needed)
+
+Per-layer routing metrics are flattened to `layer_0/max_violation` and so on;
+vectors (per-expert load) go to the JSONL file only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in metrics.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{name}/"))
+    else:
+      value = np.asarray(value)
+      out[name] = value.item() if value.ndim == 0 else value.tolist()
+  return out
+
+
+class MetricWriter:
+  """Appends to metrics.jsonl and writes TensorBoard scalars."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    flat = flatten(metrics)
+    if self.enabled:
+      self._jsonl.write(json.dumps({"step": step, "split": split, **flat}) + "\n")
+      self._jsonl.flush()
+      for name, value in flat.items():
+        if isinstance(value, (int, float)):
+          self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+    return flat
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
