@@ -46,3 +46,65 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5, what=""):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
                                rtol=rtol, atol=atol,
                                err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+# ----------------------------------------------------------------------------
+# Training runs at test size.
+
+TINY_OVERRIDES = {
+    "data.seq_len": 32,
+    "model.num_layers": 2,
+    "model.model_dim": 32,
+    "model.num_heads": 2,
+    "model.mlp_dim": 64,
+    "moe.num_experts": 4,
+    "moe.top_k": 2,
+    "moe.hidden_dim": 32,
+    "moe.block_size": 16,
+    "train.batch_size": 8,
+    "train.eval_batch_size": 8,
+    "train.steps": 20,
+    "train.warmup_steps": 2,
+    "train.learning_rate": 1e-2,
+    "train.log_every": 1,
+    "train.eval_every": 10,
+    "train.eval_batches": 2,
+    "train.checkpoint_every": 10,
+}
+
+
+def tiny_config(data_dir: str, name: str = "synthetic_domains", **overrides):
+  """configs/lm_tiny.py shrunk to test size; overrides use dotted keys."""
+  import configs.lm_tiny  # pylint: disable=g-import-not-at-top
+  config = configs.lm_tiny.get_config()
+  values = {**TINY_OVERRIDES, "data.name": name, "data.data_dir": data_dir, **overrides}
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def main_command(workdir: str, data_dir: str, name: str = "synthetic_domains",
+                 **overrides) -> list[str]:
+  """The `python -m moejax.main` command line of tiny_config."""
+  import sys  # pylint: disable=g-import-not-at-top
+  values = {**TINY_OVERRIDES, "data.name": name, "data.data_dir": data_dir, **overrides}
+  return [sys.executable, "-m", "moejax.main", "--config=configs/lm_tiny.py",
+          f"--workdir={workdir}", "--noprogress",
+          *[f"--config.{k}={v}" for k, v in values.items()]]
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+  """Train loss by step from metrics.jsonl; a step logged twice keeps the last."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      record = json.loads(line)
+      if record["split"] == "train":
+        losses[record["step"]] = record["loss"]
+  return losses
