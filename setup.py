@@ -28,6 +28,7 @@ setup(
             "tensorboardX>=2.6",
             "matplotlib>=3.8",
             "tqdm>=4.66",
+            "sentencepiece>=0.2",
         ],
         "notebooks": ["jupyter", "nbclient>=0.10", "ipykernel", "matplotlib>=3.8"],
         "dev": ["pytest>=8.0", "hypothesis>=6.100", "chex>=0.1.87"],

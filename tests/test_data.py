@@ -154,3 +154,28 @@ def test_processes_read_disjoint_shards(tfds_dir, monkeypatch):
 def test_unknown_text_key_names_the_field(tfds_dir):
   with pytest.raises(ValueError, match="data.text_key"):
     data.make_dataset(_spec(tfds_dir, text_key="body"))
+
+
+def test_sentencepiece_tokenizer_counts_bytes(tfds_dir, tmp_path):
+  """A SentencePiece model trained on stdlib text: round trip, and token_bytes sums
+  to the UTF-8 length of the text (the '▁' word marker counts as the space).
+  Code needs whitespace kept: identity normalisation, no dummy prefix."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  source = builders.load("stdlib_text", tfds_dir).as_data_source("validation")
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_bytes(b"\n".join(source[i]["text"] for i in range(20)))
+  prefix = str(tmp_path / "sp")
+  sentencepiece.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=prefix, vocab_size=600, model_type="bpe",
+      pad_id=0, unk_id=3, bos_id=1, eos_id=2, minloglevel=2, byte_fallback=True,
+      normalization_rule_name="identity", remove_extra_whitespaces=False,
+      add_dummy_prefix=False)
+  tok = data.tokenizer("sentencepiece", prefix + ".model")
+  assert tok.vocab_size == 600 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  text = "def add(a, b):\n    return a + b"
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text
+  assert int(np.sum(tok.token_bytes(ids))) == len(text.encode())
+  spec = _spec(tfds_dir, name="stdlib_text", split="validation", shuffle=False)
+  batch = next(iter(data.make_dataset(spec, tok)))
+  assert batch["tokens"].max() < 600

@@ -56,8 +56,11 @@ class SentencePieceTokenizer:
     self.bos_id = self._sp.bos_id()
     self.eos_id = self._sp.eos_id()
     pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+    # Control and unknown pieces stand for no text, byte-fallback pieces (<0x0A>)
+    # for one byte, others for their UTF-8 length with '▁' as one space.
     self._bytes = np.array(
         [0 if self._sp.is_control(i) or self._sp.is_unknown(i)
+         else 1 if self._sp.is_byte(i)
          else len(p.replace("\u2581", " ").encode("utf-8")) for i, p in enumerate(pieces)],
         np.int32)
 

@@ -11,6 +11,8 @@ the router's own settings live in a sub-section named after the router, e.g.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any, Optional
 
 import jax
@@ -24,6 +26,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_FIELDS = ("num_experts", "hidden_dim", "top_k", "router", "engine", "backend",
               "block_size", "capacity_factor", "drop_policy", "expert_type", "activation",
               "granularity", "num_shared_experts", "loss_weights")
+
+
+def config_from_file(path: str, sibling_of: Optional[str] = None):
+  """get_config() of a config file; `sibling_of` resolves `path` next to that file."""
+  if sibling_of is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(sibling_of)), path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"moejax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _plain(value: Any) -> Any:

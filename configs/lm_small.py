@@ -1,0 +1,28 @@
+"""Small MoE language model for one GPU (H100/A100 class).
+
+  python -m moejax.main --config=configs/lm_small.py --workdir=/tmp/lm_small
+  python -m moejax.main --config=configs/lm_small.py --workdir=/tmp/lm_small \\
+      --config.data.name=lm1b --config.data.data_dir=$TFDS_DATA_DIR
+
+Model: 8 blocks, D = 512, 8 heads, MoE in every other block with E = 16 SwiGLU
+experts of width 1024 and top-2 routing (dense blocks of width 2048), bfloat16
+activations, float32 routers. About 190M parameters, 60M active per token.
+Data: `stdlib_text` by default (bytes, rows of 512); for a real corpus prepare a
+TFDS dataset in array_record format and set data.name and data.data_dir.
+Batches of 64 rows (32K tokens), 20K steps.
+Expected result: not yet measured on a GPU; loss, bits per byte and tokens/s
+will be recorded in experiments/results when it has run there.
+"""
+from moejax.train import setup
+
+
+def get_config():
+  config = setup.config_from_file("lm_tiny.py", sibling_of=__file__)
+  config.data.seq_len = 512
+  config.model.update(num_layers=8, model_dim=512, num_heads=8, mlp_dim=2048, moe_every=2,
+                      dtype="bfloat16")
+  config.moe.update(num_experts=16, top_k=2, hidden_dim=1024)
+  config.train.update(batch_size=64, eval_batch_size=64, steps=20000, learning_rate=1e-3,
+                      warmup_steps=1000, log_every=50, eval_every=1000, eval_batches=50,
+                      checkpoint_every=1000, keep_checkpoints=3)
+  return config
