@@ -185,7 +185,7 @@ def test_setup_check_names_the_field(overrides, field):
 
 
 def test_gradient_accumulation_equals_the_full_batch(tfds_dir):
-  """Two micro-batches give the full batch's loss and update. The switch loss is
+  """Four micro-batches give the full batch's loss and update. The switch loss is
   weighted 0: at micro-batch scope it is computed per micro-batch by definition."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -206,9 +206,9 @@ def test_gradient_accumulation_equals_the_full_batch(tfds_dir):
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=tx.init(params), routing={})
   results = {m: jax.jit(make_train_step(model, tx, m))(state, batch, jax.random.PRNGKey(1))
-             for m in (1, 2, 4)}
+             for m in (1, 4)}
   (full, full_metrics) = results[1]
-  for m in (2, 4):
+  for m in (4,):
     state_m, metrics_m = results[m]
     np.testing.assert_allclose(metrics_m["loss"], full_metrics["loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics_m["grad_norm"], full_metrics["grad_norm"], rtol=1e-5)

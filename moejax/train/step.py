@@ -84,7 +84,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     # Routing metrics: the mean over micro-batches of each micro-batch's value.
     metrics = {"loss": jnp.sum(per_piece["nll_sum"]) / total_tokens,
                "aux_loss": jnp.mean(per_piece["aux_loss"]), "tokens": total_tokens,
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "layers": jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0),
                                                 per_piece["layers"])}
     return state.apply_gradients(grads, tx), metrics
