@@ -142,14 +142,13 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                dynamic_ncols=True)
-  tokens_seen, window_start, evaluation = 0.0, time.time(), None
+  window_start, evaluation = time.time(), None
   for step in range(start, t.steps):
     batch = _global_batch(next(train_iter), batch_sharding)
     state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
     done = step + 1
     if done % t.log_every == 0 or done == t.steps:
       metrics = jax.device_get(metrics)
-      tokens_seen += float(metrics["tokens"]) * t.log_every
       elapsed = time.time() - window_start
       summary = _scalar_summary(metrics)
       summary["tokens_per_s"] = float(metrics["tokens"]) * t.log_every / max(elapsed, 1e-9)
