@@ -61,7 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
       activation="silu",
       granularity=1,
       num_shared_experts=0,
-      loss_weights=ml_collections.ConfigDict(dict(switch=1e-2, z=1e-3)),
+      # Router losses (switch, z) and the layer's (tsallis, erc: on when > 0).
+      loss_weights=ml_collections.ConfigDict(dict(switch=1e-2, z=1e-3, tsallis=0.0, erc=0.0)),
+      tsallis_q=2.0,
+      erc_noise=0.1,
+      erc_form="ce",
+      erc_margin=0.5,
       topk=ml_collections.ConfigDict(dict(
           score="softmax",
           order="softmax_topk",
@@ -71,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
           jitter=0.0,
           num_groups=1,
           groups_selected=config_dict.placeholder(int),
+          balance_scope="microbatch",
+          aux_free=False,
+          bias_rate=1e-3,
+          bias_update="sign",
+          bias_recenter=False,
       )),
   ))
 

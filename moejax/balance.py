@@ -1,4 +1,4 @@
-"""Balance losses.
+"""Balance losses and the aux-loss-free bias rule.
 
 switch_loss  Switch Transformer (Fedus et al. 2021), load-balancing loss, as stated
              in "Demons in the Detail" (2025):
@@ -8,22 +8,67 @@ switch_loss  Switch Transformer (Fedus et al. 2021), load-balancing loss, as sta
                  P_e = 1/T sum_t p_te
 
              Perfect balance gives exactly 1; all tokens on one expert with K = 1
-             gives E. Scope here: the micro-batch the layer sees.
+             gives E. `scoped_switch_loss` takes f and P over a scope:
+               sequence    per sequence, averaged over sequences (DeepSeek-V2/V3's
+                           sequence-wise loss when p is the normalised score)
+               microbatch  per data-parallel shard of the micro-batch, averaged:
+                           what one device sees (the common implementation)
+               global      f from the counts of the whole optimizer step (all
+                           devices, all micro-batches); P over this micro-batch.
+                           Summed over micro-batches it is the loss of the global
+                           batch, and so is its gradient.
 z_loss       ST-MoE (Zoph et al. 2022), router z-loss: mean_t (logsumexp_e z_te)^2.
+tsallis      DynMoLE (2025): S_q(p) = (1 - sum_e p_e^q) / (q - 1), mean over tokens;
+             q -> 1 is the Shannon entropy.
+bias_update  Auxiliary-loss-free balancing (DeepSeek, Wang et al. 2024): after each
+             optimizer step, with c_e the step's count of expert e,
+               sign          b_e += u * sign(mean(c) - c_e)
+               proportional  b_e += u * (mean(c) - c_e) / mean(c)
+             optionally re-centred to zero mean.
+erc_loss     Expert-router coupling ("Coupling Experts and Routers in MoE via an
+             Auxiliary Loss", 2025) on M [E, E], M_ij = ||act_i(proxy_j)||: each
+             expert should activate most on its own proxy (rows) and each proxy
+             activate its own expert most (columns).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from moejax import validation
+
 Array = jax.Array
+
+SCOPES = ("sequence", "microbatch", "global")
+BIAS_UPDATES = ("sign", "proportional")
+ERC_FORMS = ("ce", "margin")
+
+
+def selection_counts(expert_index: Array, num_experts: int,
+                     mask: Optional[Array] = None) -> Array:
+  """float32[E]: how often each expert is selected in expert_index [..., K]."""
+  one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
+  if mask is not None:
+    one_hot = one_hot * mask[..., None].astype(jnp.float32)
+  return jnp.sum(one_hot.reshape(-1, num_experts), axis=0)
+
+
+def psum_counts(counts: Array, axis_names: Sequence[str] = ()) -> Array:
+  """Per-expert counts summed over the named data-parallel mesh axes (one psum).
+
+  Inside shard_map, a device's counts become the counts of the global batch;
+  with no axis names (plain jit, where the batch axis is already global) the
+  counts are returned unchanged. Counts stay float32: exact below 2^24 per expert.
+  """
+  counts = counts.astype(jnp.float32)
+  return jax.lax.psum(counts, tuple(axis_names)) if axis_names else counts
 
 
 def switch_loss(probs: Array, expert_index: Array, num_experts: int,
                 mask: Optional[Array] = None) -> Array:
-  """Switch load-balancing loss over one micro-batch.
+  """Switch load-balancing loss over one group of tokens.
 
   Args:
     probs: float[T, E], router distribution.
@@ -37,17 +82,128 @@ def switch_loss(probs: Array, expert_index: Array, num_experts: int,
   """
   if probs.shape[-1] != num_experts:
     raise ValueError(f"probs has {probs.shape[-1]} experts, num_experts is {num_experts}")
-  probs = probs.astype(jnp.float32)
+  counts = selection_counts(expert_index, num_experts, mask)
+  return _switch_from_counts(probs.reshape(-1, num_experts), counts)
+
+
+def _switch_from_counts(probs: Array, counts: Array) -> Array:
+  """E * sum_e f_e P_e with f = counts / sum(counts) (no gradient), P = mean probs."""
+  f = jax.lax.stop_gradient(counts / jnp.maximum(jnp.sum(counts), 1.0))
+  return probs.shape[-1] * jnp.sum(f * jnp.mean(probs.astype(jnp.float32), axis=0))
+
+
+def scoped_switch_loss(probs: Array, expert_index: Array, num_experts: int,
+                       mask: Optional[Array] = None, scope: str = "microbatch",
+                       groups: int = 1, global_counts: Optional[Array] = None) -> Array:
+  """Switch loss at a scope (see the module docstring).
+
+  Args:
+    probs: float[B, L, E].
+    expert_index: int[B, L, K].
+    num_experts: E.
+    mask: optional bool[B, L, K] of counted selections.
+    scope: `sequence`, `microbatch` or `global`.
+    groups: data-parallel shards of the batch (scope `microbatch`); divides B.
+    global_counts: float[E], the selection counts of the whole step (scope
+      `global`); without them, the counts of this call.
+  """
+  validation.one_of("balance_scope", scope, SCOPES)
+  batch = probs.shape[0]
   if mask is None:
-    mask = jnp.ones(expert_index.shape, dtype=bool)
-  one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
-  counts = jnp.sum(one_hot * mask[..., None].astype(jnp.float32), axis=(0, 1))
-  f = jax.lax.stop_gradient(counts / jnp.maximum(jnp.sum(mask), 1))
-  p = jnp.mean(probs, axis=0)
-  return num_experts * jnp.sum(f * p)
+    mask = jnp.ones(expert_index.shape, bool)
+  if scope == "global":
+    counts = selection_counts(expert_index, num_experts, mask)
+    if global_counts is not None:
+      counts = global_counts.astype(jnp.float32)
+    return _switch_from_counts(probs.reshape(-1, num_experts), counts)
+  if scope == "microbatch":
+    if batch % groups:
+      raise ValueError(f"{groups} data shards do not divide the batch of {batch}")
+    split = lambda a: a.reshape(groups, -1, *a.shape[2:])
+    probs, expert_index, mask = split(probs), split(expert_index), split(mask)
+  per_group = jax.vmap(lambda p, i, m: switch_loss(p, i, num_experts, m))
+  return jnp.mean(per_group(probs, expert_index, mask))
 
 
 def z_loss(logits: Array) -> Array:
   """Router z-loss, mean_t (logsumexp_e z_te)^2, float32 scalar."""
   lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
   return jnp.mean(jnp.square(lse))
+
+
+def tsallis_entropy(probs: Array, q: float) -> Array:
+  """S_q of each row of probs [..., E]; q = 1 gives the Shannon entropy (nats).
+
+  Zero entries contribute nothing, with a finite gradient also for q < 1.
+  """
+  probs = probs.astype(jnp.float32)
+  positive = probs > 0
+  safe = jnp.where(positive, probs, 1.0)
+  if q == 1:
+    return -jnp.sum(jnp.where(positive, safe * jnp.log(safe), 0.0), axis=-1)
+  return (1.0 - jnp.sum(jnp.where(positive, safe ** q, 0.0), axis=-1)) / (q - 1.0)
+
+
+def tsallis_loss(probs: Array, q: float) -> Array:
+  """Mean Tsallis entropy of the router distribution: low when routing is confident."""
+  return jnp.mean(tsallis_entropy(probs, q))
+
+
+def bias_update(bias: Array, counts: Array, rate: float, mode: str = "sign",
+                recenter: bool = False) -> Array:
+  """One aux-loss-free update of the selection bias b [E] from step counts c [E]."""
+  validation.one_of("bias_update", mode, BIAS_UPDATES)
+  counts = counts.astype(jnp.float32)
+  mean = jnp.mean(counts)
+  if mode == "sign":
+    step = jnp.sign(mean - counts)
+  else:
+    step = (mean - counts) / jnp.maximum(mean, 1e-9)
+  bias = bias + rate * step
+  if recenter:
+    bias = bias - jnp.mean(bias)
+  return bias
+
+
+def erc_loss(norms: Array, form: str = "ce", margin: float = 0.5) -> Array:
+  """Expert-router coupling loss on M [E, E] (rows: experts, columns: proxies).
+
+  `ce`: cross-entropy of each row and each column of M (as logits) with the
+  diagonal as the target, averaged. `margin`: mean of relu(M_ij - margin * M_ii)
+  and relu(M_ji - margin * M_ii) over j != i, i.e. off-diagonal activations held
+  below `margin` times the expert's activation on its own proxy.
+  """
+  validation.one_of("erc_form", form, ERC_FORMS)
+  norms = norms.astype(jnp.float32)
+  num = norms.shape[0]
+  eye = jnp.eye(num, dtype=bool)
+  if form == "ce":
+    target = jnp.arange(num)
+    rows = -jnp.take_along_axis(jax.nn.log_softmax(norms, axis=1), target[:, None], 1)
+    cols = -jnp.take_along_axis(jax.nn.log_softmax(norms, axis=0), target[None, :], 0)
+    return 0.5 * (jnp.mean(rows) + jnp.mean(cols))
+  diag = jnp.diag(norms)
+  over_rows = jax.nn.relu(norms - margin * diag[:, None])
+  over_cols = jax.nn.relu(norms - margin * diag[None, :])
+  off = (~eye).astype(jnp.float32)
+  return jnp.sum((over_rows + over_cols) * off) / jnp.maximum(2.0 * jnp.sum(off), 1.0)
+
+
+def diagonal_dominance(norms: Array) -> dict[str, Array]:
+  """Specialisation of M [E, E] (rows: experts, columns: proxies).
+
+  `erc_diagonal_share`: the share of the 2E constraints of the ERC loss that
+  hold, i.e. rows and columns of M whose diagonal entry is strictly the largest
+  (1: every expert prefers its own proxy and every proxy its own expert).
+  `erc_diagonal_ratio`: mean of the diagonal over mean of the off-diagonal
+  entries (1: no preference for the own proxy).
+  """
+  num = norms.shape[0]
+  eye = jnp.eye(num, dtype=bool)
+  diag = jnp.diag(norms)
+  off_rows = jnp.max(jnp.where(eye, -jnp.inf, norms), axis=1)
+  off_cols = jnp.max(jnp.where(eye, -jnp.inf, norms), axis=0)
+  holds = jnp.concatenate([diag > off_rows, diag > off_cols]).astype(jnp.float32)
+  off_mean = jnp.sum(jnp.where(eye, 0.0, norms)) / max(num * (num - 1), 1)
+  return {"erc_diagonal_share": jnp.mean(holds),
+          "erc_diagonal_ratio": jnp.mean(diag) / jnp.maximum(off_mean, 1e-9)}

@@ -118,8 +118,12 @@ class RoutingContext:
     carry: recurrent router state handed from the previous MoE layer.
     token_ids: int32[B, L], input token ids (hash routing).
     capacity: an externally set capacity per expert.
+    global_counts: {"layer_<i>": float32[E]}, selection counts of the whole
+      optimizer step (all devices and micro-batches), for `global` balance scope.
     causal: True inside a causal (decoder) model; routers that look at other
       tokens of the sequence must refuse it.
+    data_shards: how many data-parallel shards the batch is split into, for the
+      `microbatch` balance scope (what one device sees).
   """
 
   positions: Optional[Array] = None
@@ -130,4 +134,11 @@ class RoutingContext:
   carry: Optional[Any] = None
   token_ids: Optional[Array] = None
   capacity: Optional[Any] = None
+  global_counts: Optional[Mapping[str, Array]] = None
   causal: bool = flax.struct.field(pytree_node=False, default=False)
+  data_shards: int = flax.struct.field(pytree_node=False, default=1)
+
+  @property
+  def layer_key(self) -> str:
+    """`layer_<i>`, the key of this layer in per-layer mappings."""
+    return f"layer_{self.layer}"

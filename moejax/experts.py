@@ -61,12 +61,14 @@ class ExpertFFN(flax.struct.PyTreeNode):
     `matmul_out`, if given, computes the output projection instead; engines use
     it to fuse the combine into the last product.
     """
+    return (matmul_out or matmul)(self.hidden(x, matmul), self.weights["wo"])
+
+  def hidden(self, x: Array, matmul: Matmul) -> Array:
+    """The intermediate activation act(x W_i), or act(x W_gate) * (x W_up)."""
     act = ACTIVATIONS[self.activation]
     if self.glu:
-      h = act(matmul(x, self.weights["wi_gate"])) * matmul(x, self.weights["wi_up"])
-    else:
-      h = act(matmul(x, self.weights["wi"]))
-    return (matmul_out or matmul)(h, self.weights["wo"])
+      return act(matmul(x, self.weights["wi_gate"])) * matmul(x, self.weights["wi_up"])
+    return act(matmul(x, self.weights["wi"]))
 
 
 def dense_matmul(h: Array, w: Array) -> Array:

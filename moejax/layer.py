@@ -12,6 +12,15 @@ Granularity m (DeepSeekMoE, Dai et al. 2024): E -> mE experts, K -> mK per token
 F -> F/m hidden width, so active and total FLOPs stay those of (E, K, F).
 Shared experts: K_s always-on experts of width F/m, run as one dense FFN of width
 K_s * F/m.
+
+Besides the router's own losses the layer offers two, weighted by `loss_weights`:
+`tsallis` (balance.tsallis_loss of the router distribution,
+q = tsallis_q; DynMoLE 2025) and `erc` (expert-router coupling, 2025): the
+router's expert vectors (computed only when its weight is positive), perturbed by multiplicative noise U(1 - erc_noise,
+1 + erc_noise) in training, are run through every expert; M_ij is the norm of
+expert i's intermediate activation on proxy j, balance.erc_loss penalises M
+for not being diagonal, and the metrics report its diagonal dominance. The cost
+is E^2 expert activations, whatever the batch.
 """
 from __future__ import annotations
 
@@ -23,13 +32,14 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from moejax import capacity, dispatch, metrics, routers, validation
+from moejax import balance, capacity, dispatch, metrics, routers, validation
 from moejax.core import RoutingContext, RoutingPlan
 from moejax.experts import FFNWeights, dense_matmul
 
 Array = jax.Array
 
 DEFAULT_LOSS_WEIGHTS = FrozenDict({"switch": 1e-2, "z": 1e-3})
+LAYER_LOSSES = ("tsallis", "erc")
 
 
 class MoEAux(flax.struct.PyTreeNode):
@@ -69,7 +79,12 @@ class MoE(nn.Module):
     activation: `silu`, `gelu` or `relu`.
     granularity: m, fine-grained expert split.
     num_shared_experts: K_s, always-on experts.
-    loss_weights: weight of each router loss in `aux.loss`; missing names weigh 0.
+    loss_weights: weight of each loss in `aux.loss`: the router's losses, and
+      `tsallis` and `erc` of the layer; missing names weigh 0.
+    tsallis_q: q of the Tsallis entropy.
+    erc_noise: multiplicative noise on the ERC proxies (training only).
+    erc_form: `ce` or `margin` (see balance.erc_loss).
+    erc_margin: the margin of the `margin` form.
     model_dim: D, if given, checked against the input.
     dtype: activation and expert compute dtype; routers always use float32.
     param_dtype: parameter dtype.
@@ -91,6 +106,10 @@ class MoE(nn.Module):
   granularity: int = 1
   num_shared_experts: int = 0
   loss_weights: Mapping[str, float] = DEFAULT_LOSS_WEIGHTS
+  tsallis_q: float = 2.0
+  erc_noise: float = 0.1
+  erc_form: str = "ce"
+  erc_margin: float = 0.5
   model_dim: Optional[int] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -115,11 +134,16 @@ class MoE(nn.Module):
         raise ValueError(f"router_kwargs.{reserved} is set by the layer (its {reserved} "
                          f"and granularity); set MoE.{reserved} instead")
     router = self._make_router(parent=None)
+    known = list(router.loss_names) + list(LAYER_LOSSES)
     for name, weight in dict(self.loss_weights).items():
-      if name not in router.loss_names:
-        raise ValueError(f"loss_weights has {name!r}, which router {self.router!r} does "
-                         f"not return; its losses: {list(router.loss_names)}")
+      if name not in known:
+        raise ValueError(f"loss_weights has {name!r}, which neither router {self.router!r} "
+                         f"nor the layer returns; losses: {known}")
       validation.in_range(f"loss_weights.{name}", weight, 0, float("inf"))
+    validation.in_range("tsallis_q", self.tsallis_q, 0, float("inf"), low_open=True)
+    validation.in_range("erc_noise", self.erc_noise, 0, 1, high_open=True)
+    validation.one_of("erc_form", self.erc_form, balance.ERC_FORMS)
+    validation.in_range("erc_margin", self.erc_margin, 0, 1, low_open=True)
     FFNWeights(self.expert_hidden_dim, self.routed_experts, self.expert_type,
                self.activation, parent=None)
     super().__post_init__()
@@ -181,22 +205,46 @@ class MoE(nn.Module):
                                                    self.drop_policy)
 
     tokens = x.reshape(num_tokens, model_dim).astype(self.dtype)
-    y = self._make_engine()(tokens, plan, self.experts(model_dim), capacity=cap)
+    ffn = self.experts(model_dim)
+    y = self._make_engine()(tokens, plan, ffn, capacity=cap)
     if self.num_shared_experts:
       y = y + self.shared_experts(model_dim)(tokens, dense_matmul)
 
     weights = dict(self.loss_weights)
-    loss = sum((weights.get(k, 0.0) * v for k, v in routed.losses.items()),
-               jnp.zeros((), jnp.float32))
+    losses = {**routed.losses, "tsallis": balance.tsallis_loss(routed.probs, self.tsallis_q)}
     aux_metrics = {**routed.metrics, **drop_metrics,
                    **metrics.plan_metrics(plan, num_experts, num_tokens),
                    "router_entropy": metrics.entropy(routed.probs)}
-    aux = MoEAux(loss=loss, losses=dict(routed.losses), metrics=aux_metrics, plan=plan)
+    if weights.get("erc", 0.0) > 0:
+      norms = self._erc_activations(ffn, deterministic)
+      losses["erc"] = balance.erc_loss(norms, self.erc_form, self.erc_margin)
+      aux_metrics.update(balance.diagonal_dominance(norms))
+    loss = sum((weights.get(k, 0.0) * v for k, v in losses.items()),
+               jnp.zeros((), jnp.float32))
+    aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics, plan=plan)
     return y.reshape(batch, length, model_dim), aux
+
+  def _erc_activations(self, ffn, deterministic: bool) -> Array:
+    """M [E, E]: norm of expert i's intermediate activation on router proxy j."""
+    proxies = self.router_module.expert_embeddings()                  # [E, D]
+    if not deterministic and self.erc_noise > 0:
+      proxies = proxies * jax.random.uniform(self.make_rng("router"), proxies.shape,
+                                             jnp.float32, 1 - self.erc_noise,
+                                             1 + self.erc_noise)
+    hidden = ffn.hidden(proxies.astype(self.dtype),
+                        lambda p, w: jnp.einsum("jd,idf->ijf", p, w))  # [E_i, E_j, F]
+    return jnp.linalg.norm(hidden.astype(jnp.float32), axis=-1)
+
+  def update_routing(self) -> None:
+    """After an optimizer step: let the router update its `routing` state."""
+    update = getattr(self.router_module, "update_state", None)
+    if update is not None:
+      update()
 
   def _resolve_deterministic(self, deterministic: Optional[bool]) -> bool:
     if deterministic is None and self.deterministic is None:
-      if getattr(self.router_module, "uses_rng", False):
+      erc_noise = dict(self.loss_weights).get("erc", 0.0) > 0 and self.erc_noise > 0
+      if getattr(self.router_module, "uses_rng", False) or erc_noise:
         raise ValueError("deterministic must be given (to the layer or the call): router "
                          f"{self.router!r} draws training noise")
       return True

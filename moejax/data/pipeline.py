@@ -56,6 +56,14 @@ def _process_slice() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+def num_domains(spec: PipelineSpec) -> Optional[int]:
+  """Number of classes of the dataset's domain label, or None without one."""
+  if spec.domain_key is None:
+    return None
+  feature = builders.load(spec.name, spec.data_dir).info.features[spec.domain_key]
+  return getattr(feature, "num_classes", None)
+
+
 def make_dataset(spec: PipelineSpec, tokenizer=None, prepare: bool = True):
   """A grain IterDataset of packed batches; see the module docstring."""
   import grain  # pylint: disable=g-import-not-at-top

@@ -66,24 +66,35 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.attention_norm = rms_norm("attention_norm", self.dtype, self.param_dtype)
+    self.attention = CausalSelfAttention(self.num_heads, self.head_dim, self.rope_base,
+                                         self.dtype, self.param_dtype)
+    self.ffn_norm = rms_norm("ffn_norm", self.dtype, self.param_dtype)
+    if self.moe is None:
+      self.ffn = DenseFFN(self.mlp_dim, self.expert_type, self.activation, self.dtype,
+                          self.param_dtype)
+    else:
+      self.moe_layer = MoE(**self.moe, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="moe")
+
   def __call__(self, x: Array, ctx: RoutingContext, deterministic: bool
                ) -> tuple[Array, Optional[MoEAux]]:
     wants_attention = self.moe is not None and getattr(
         routers.get(self.moe.get("router", "topk")), "needs_attention", False)
-    h, probs = CausalSelfAttention(self.num_heads, self.head_dim, self.rope_base, self.dtype,
-                                   self.param_dtype, name="attention")(
-        rms_norm("attention_norm", self.dtype, self.param_dtype)(x), ctx.positions,
-        ctx.segment_ids, return_probs=wants_attention)
+    h, probs = self.attention(self.attention_norm(x), ctx.positions, ctx.segment_ids,
+                              return_probs=wants_attention)
     x = x + h
-    h = rms_norm("ffn_norm", self.dtype, self.param_dtype)(x)
+    h = self.ffn_norm(x)
     if self.moe is None:
-      return x + DenseFFN(self.mlp_dim, self.expert_type, self.activation, self.dtype,
-                          self.param_dtype, name="ffn")(h), None
+      return x + self.ffn(h), None
     ctx = ctx.replace(layer=self.layer, attention=probs)
-    y, aux = MoE(**self.moe, dtype=self.dtype, param_dtype=self.param_dtype, name="moe")(
-        h, ctx, deterministic=deterministic)
+    y, aux = self.moe_layer(h, ctx, deterministic=deterministic)
     return x + y, aux
+
+  def update_routing(self) -> None:
+    if self.moe is not None:
+      self.moe_layer.update_routing()
 
 
 class TransformerLM(nn.Module):
@@ -140,37 +151,69 @@ class TransformerLM(nn.Module):
   def is_moe_layer(self, layer: int) -> bool:
     return self.moe is not None and (layer + 1) % self.moe_every == 0
 
-  @nn.compact
+  @property
+  def moe_layers(self) -> list[str]:
+    """Keys of the MoE layers in the aux dict, `layer_<i>`."""
+    return [f"layer_{i}" for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+  @property
+  def uses_global_balance(self) -> bool:
+    """Whether a router balances over the whole step (needs RoutingContext.global_counts)."""
+    if self.moe is None:
+      return False
+    settings = dict(self.moe.get("router_kwargs", {}))
+    return settings.get("balance_scope") == "global"
+
+  def setup(self):
+    self.embed = nn.Embed(self.vocab_size, self.model_dim, dtype=self.dtype,
+                          param_dtype=self.param_dtype,
+                          embedding_init=nn.with_logical_partitioning(
+                              nn.initializers.normal(self.model_dim ** -0.5),
+                              ("vocab", "embed")))
+    moe = None if self.moe is None else FrozenDict(self.moe)
+    self.blocks = [
+        Block(layer, self.num_heads, self.resolved_head_dim, self.mlp_dim,
+              moe if self.is_moe_layer(layer) else None, self.expert_type, self.activation,
+              self.rope_base, self.dtype, self.param_dtype, name=f"block_{layer}")
+        for layer in range(self.num_layers)]
+    self.final_norm = rms_norm("final_norm", self.dtype, self.param_dtype)
+    if not self.tie_embeddings:
+      self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32,
+                           param_dtype=self.param_dtype,
+                           kernel_init=nn.with_logical_partitioning(
+                               nn.initializers.variance_scaling(1.0, "fan_in",
+                                                                "truncated_normal"),
+                               ("embed", "vocab")))
+
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, *, deterministic: bool = True,
-               step: Optional[Array] = None) -> tuple[Array, dict[str, MoEAux]]:
-    """tokens int[B, L] -> (logits float32[B, L, V], {"layer_<i>": MoEAux})."""
+               step: Optional[Array] = None, global_counts: Optional[Mapping] = None,
+               data_shards: int = 1) -> tuple[Array, dict[str, MoEAux]]:
+    """tokens int[B, L] -> (logits float32[B, L, V], {"layer_<i>": MoEAux}).
+
+    `global_counts` and `data_shards` go to the routers' RoutingContext (balance
+    scopes `global` and `microbatch`).
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    embed = nn.Embed(self.vocab_size, self.model_dim, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="embed",
-                     embedding_init=nn.with_logical_partitioning(
-                         nn.initializers.normal(self.model_dim ** -0.5), ("vocab", "embed")))
-    x = embed(tokens)
+    x = self.embed(tokens)
     ctx = RoutingContext(positions=positions, segment_ids=segment_ids, step=step,
-                         token_ids=tokens, causal=True)
+                         token_ids=tokens, global_counts=global_counts, causal=True,
+                         data_shards=data_shards)
     aux = {}
-    moe = None if self.moe is None else FrozenDict(self.moe)
-    for layer in range(self.num_layers):
-      x, layer_aux = Block(
-          layer, self.num_heads, self.resolved_head_dim, self.mlp_dim,
-          moe if self.is_moe_layer(layer) else None, self.expert_type, self.activation,
-          self.rope_base, self.dtype, self.param_dtype, name=f"block_{layer}")(
-              x, ctx, deterministic)
+    for layer, block in enumerate(self.blocks):
+      x, layer_aux = block(x, ctx, deterministic)
       if layer_aux is not None:
         aux[f"layer_{layer}"] = layer_aux
-    x = rms_norm("final_norm", self.dtype, self.param_dtype)(x)
+    x = self.final_norm(x)
     if self.tie_embeddings:
-      logits = x.astype(jnp.float32) @ jnp.asarray(embed.embedding, jnp.float32).T
+      logits = x.astype(jnp.float32) @ jnp.asarray(self.embed.embedding, jnp.float32).T
     else:
-      logits = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32,
-                        param_dtype=self.param_dtype, name="head",
-                        kernel_init=nn.with_logical_partitioning(
-                            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-                            ("embed", "vocab")))(x)
+      logits = self.head(x)
     return logits.astype(jnp.float32), aux
+
+  def update_routing(self) -> None:
+    """After an optimizer step: every router updates its `routing` state
+    (apply with method=TransformerLM.update_routing, mutable=['routing'])."""
+    for block in self.blocks:
+      block.update_routing()

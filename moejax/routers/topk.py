@@ -24,9 +24,22 @@ Options:
               of E/G; a group's score is the sum of its ceil(K / G_sel) best
               selection scores; only experts of the G_sel best groups may be chosen.
 
+Balancing:
+  balance_scope  scope of the `switch` loss: sequence, microbatch or global
+                 (balance.scoped_switch_loss).
+  aux_free       auxiliary-loss-free balancing (DeepSeek 2024): a bias b [E] in the
+                 `routing` collection is added to the selection scores (selection
+                 only: combine weights use the unbiased scores); the step's
+                 selection counts accumulate in `routing/counts`, and
+                 `update_state()`, called after each optimizer step, applies
+                 balance.bias_update (`bias_rate`, `bias_update`, `bias_recenter`).
+                 With sigmoid scores, normalize and balance_scope='sequence' plus a
+                 small switch weight, this is DeepSeek-V3's recipe.
+
 Router math is float32 whatever the activation dtype. Training noise draws from
 the `router` rng stream and is off when deterministic=True.
-Losses: `switch` (balance.switch_loss over the K selections) and `z` (z_loss).
+Losses: `switch` (balance.scoped_switch_loss over the K selections) and `z`
+(z_loss). Metrics: `selected`, the selection counts per expert before capacity.
 """
 from __future__ import annotations
 
@@ -84,6 +97,11 @@ class TopKRouter(nn.Module):
   jitter: float = 0.0
   num_groups: int = 1
   groups_selected: Optional[int] = None
+  balance_scope: str = "microbatch"
+  aux_free: bool = False
+  bias_rate: float = 1e-3
+  bias_update: str = "sign"
+  bias_recenter: bool = False
   kernel_init: Callable[..., Any] = nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal")
 
@@ -112,6 +130,9 @@ class TopKRouter(nn.Module):
     if self.top_k > selected * (self.num_experts // self.num_groups):
       raise ValueError(f"top_k ({self.top_k}) exceeds the experts in groups_selected "
                        f"({selected} groups of {self.num_experts // self.num_groups})")
+    validation.one_of("balance_scope", self.balance_scope, balance.SCOPES)
+    validation.in_range("bias_rate", self.bias_rate, 0, math.inf)
+    validation.one_of("bias_update", self.bias_update, balance.BIAS_UPDATES)
     super().__post_init__()
 
   @property
@@ -122,6 +143,8 @@ class TopKRouter(nn.Module):
   def __call__(self, x: Array, ctx: Optional[RoutingContext] = None,
                deterministic: bool = True) -> RouterOutput:
     """x [B, L, D] (or [T, D]) -> RouterOutput with A = T * K slots."""
+    ctx = RoutingContext() if ctx is None else ctx
+    batch = x.shape[0] if x.ndim == 3 else 1
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if self.jitter > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
@@ -143,15 +166,19 @@ class TopKRouter(nn.Module):
       probs = scores = jax.nn.softmax(logits, axis=-1)
       selection = logits if self.order == "topk_softmax" else scores
 
+    if self.aux_free:
+      bias = self.variable("routing", "bias", jnp.zeros, (self.num_experts,), jnp.float32)
+      selection = selection + bias.value
+
     selected = self.num_groups if self.groups_selected is None else self.groups_selected
     if selected < self.num_groups:
       per_group = min(math.ceil(self.top_k / selected), self.num_experts // self.num_groups)
       keep = group_limited_mask(selection, self.num_groups, selected, per_group)
       selection = jnp.where(keep, selection, -jnp.inf)
 
-    top_selection, expert_index = jax.lax.top_k(selection, self.top_k)
+    _, expert_index = jax.lax.top_k(selection, self.top_k)
     if self.order == "topk_softmax":
-      weights = jax.nn.softmax(top_selection, axis=-1)
+      weights = jax.nn.softmax(jnp.take_along_axis(logits, expert_index, axis=-1), axis=-1)
     elif self.normalize:
       # p / sum(p) and s / sum(s) over the K selected, as softmaxes of log-scores.
       log_scores = (jax.nn.log_sigmoid(logits) if self.score == "sigmoid"
@@ -161,7 +188,35 @@ class TopKRouter(nn.Module):
       weights = jnp.take_along_axis(scores, expert_index, axis=-1)
     weights = weights * self.scale
 
-    losses = {"switch": balance.switch_loss(probs, expert_index, self.num_experts),
-              "z": balance.z_loss(logits)}
+    counts = balance.selection_counts(expert_index, self.num_experts)
+    if self.aux_free:
+      step_counts = self.variable("routing", "counts", jnp.zeros, (self.num_experts,),
+                                  jnp.float32)
+      if self.is_mutable_collection("routing") and not self.is_initializing():
+        step_counts.value = step_counts.value + counts
+
+    global_counts = (ctx.global_counts or {}).get(ctx.layer_key)
+    switch = balance.scoped_switch_loss(
+        probs.reshape(batch, -1, self.num_experts),
+        expert_index.reshape(batch, -1, self.top_k), self.num_experts,
+        scope=self.balance_scope, groups=ctx.data_shards, global_counts=global_counts)
+    losses = {"switch": switch, "z": balance.z_loss(logits)}
     return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights),
-                        logits=logits, probs=probs, losses=losses)
+                        logits=logits, probs=probs, losses=losses,
+                        metrics={"selected": counts})
+
+  def update_state(self) -> None:
+    """After an optimizer step: move the aux-free bias by the step's counts, and
+    start counting the next step from zero. A no-op without aux_free."""
+    if not self.aux_free or not self.has_variable("routing", "bias"):
+      return
+    counts = self.get_variable("routing", "counts")
+    bias = balance.bias_update(self.get_variable("routing", "bias"), counts, self.bias_rate,
+                               self.bias_update, self.bias_recenter)
+    self.put_variable("routing", "bias", bias)
+    self.put_variable("routing", "counts", jnp.zeros_like(counts))
+
+  def expert_embeddings(self) -> Array:
+    """The router's expert vectors [E, D]: columns of the gate kernel W_g."""
+    kernel = nn.meta.unbox(self.get_variable("params", "gate")["kernel"])
+    return jnp.asarray(kernel, jnp.float32).T

@@ -41,13 +41,16 @@ def write_report(workdir: str, step: int, evaluation: dict[str, Any]) -> str:
            f"- validation bits per byte: {evaluation['bits_per_byte']:.4f}",
            f"- evaluated tokens: {int(evaluation['tokens'])}", ""]
   if layers:
+    has_mi = any("domain_expert_mi" in m for m in layers.values())
     lines += ["| layer | MaxVio | load CV | dropped share | experts per token | "
-              "router entropy (nats) |", "|---|---|---|---|---|---|"]
+              "router entropy (nats) |" + (" MI(domain; expert) (nats) |" if has_mi else ""),
+              "|---|---|---|---|---|---|" + ("---|" if has_mi else "")]
     for name in sorted(layers, key=lambda n: int(n.split("_")[-1])):
       m = layers[name]
       lines.append(f"| {name} | {m['max_violation']:.3f} | {m['load_cv']:.3f} | "
                    f"{m['dropped_share']:.4f} | {m['experts_per_token']:.3f} | "
-                   f"{m['router_entropy']:.3f} |")
+                   f"{m['router_entropy']:.3f} |"
+                   + (f" {m.get('domain_expert_mi', float('nan')):.4f} |" if has_mi else ""))
     write_heatmap(os.path.join(workdir, "routing_load.png"),
                   {name: np.asarray(m["load"], np.float64) for name, m in layers.items()})
     lines += ["", "![per-layer expert load](routing_load.png)"]

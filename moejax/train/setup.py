@@ -25,7 +25,8 @@ from moejax.models import TransformerLM
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_FIELDS = ("num_experts", "hidden_dim", "top_k", "router", "engine", "backend",
               "block_size", "capacity_factor", "drop_policy", "expert_type", "activation",
-              "granularity", "num_shared_experts", "loss_weights")
+              "granularity", "num_shared_experts", "loss_weights", "tsallis_q", "erc_noise",
+              "erc_form", "erc_margin")
 
 
 def config_from_file(path: str, sibling_of: Optional[str] = None):
@@ -77,10 +78,22 @@ def build_model(config) -> TransformerLM:
         expert_type=m.expert_type, activation=m.activation,
         tie_embeddings=m.tie_embeddings, dtype=DTYPES[m.dtype], parent=None)
   except ValueError as e:
-    message = str(e)
-    if not message.startswith(("model.", "moe.")):
-      message = f"moe.{message}" if config.model.moe_every else f"model.{message}"
-    raise ValueError(message) from None
+    raise ValueError(_config_path(str(e), config)) from None
+
+
+def _config_path(message: str, config) -> str:
+  """Prefixes a module's error with the config section of its field: `model.`,
+  `moe.`, or `moe.<router>.` for the router's own settings."""
+  if message.startswith(("model.", "moe.")):
+    return message
+  if not config.model.moe_every:
+    return f"model.{message}"
+  router = config.moe.get("router", "topk")
+  section = config.moe.get(router)
+  field = message.split(" ", 1)[0]
+  if section is not None and field in section:
+    return f"moe.{router}.{message}"
+  return f"moe.{message}"
 
 
 def vocab_size(config) -> int:

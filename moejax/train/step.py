@@ -10,17 +10,27 @@ no token is predicted across a document boundary of a packed row:
 Gradient accumulation: the batch is cut into `num_microbatches` equal pieces
 along the batch axis and scanned; each piece contributes its CE sum divided by
 the token count of the whole batch and 1/num_microbatches of its aux loss, so the
-accumulated gradient equals the gradient of the full-batch loss.
+accumulated gradient equals the gradient of the full-batch loss. The `routing`
+collection (e.g. aux-free balancing counts) is threaded through the pieces and,
+after the optimizer step, every router updates it (TransformerLM.update_routing).
+
+Global balance scope with several micro-batches: a first, forward-only pass over
+the pieces counts each layer's expert selections for the whole step; the second
+pass hands these counts to the routers (RoutingContext.global_counts), so f is
+that of the global batch for every piece. With one micro-batch the call's own
+counts are already global (data parallelism runs inside one jitted program).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from moejax import metrics as load_metrics
+from moejax.analysis import joint_counts, mutual_information
+from moejax.models import TransformerLM
 from moejax.train.state import TrainState
 
 Array = jax.Array
@@ -38,14 +48,18 @@ def split_batch(batch: dict[str, Array]) -> dict[str, Array]:
   return out
 
 
-def _forward(model: nn.Module, params: Any, routing: Any, rows: dict[str, Array], rng,
-             deterministic: bool):
+def _forward(model: TransformerLM, params: Any, routing: Any, rows: dict[str, Array], rng,
+             deterministic: bool, data_shards: int = 1, global_counts=None):
+  """Masked per-token CE [B, L], aux per MoE layer, and the updated routing state."""
   variables = {"params": params, **({"routing": routing} if routing else {})}
+  mutable = ["routing"] if routing and not deterministic else False
   rngs = {} if deterministic else {"router": rng}
-  logits, aux = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
-                            deterministic=deterministic, rngs=rngs)
+  out = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
+                    deterministic=deterministic, rngs=rngs, mutable=mutable,
+                    global_counts=global_counts, data_shards=data_shards)
+  (logits, aux), new_routing = (out, {"routing": routing}) if not mutable else out
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
-  return jnp.where(rows["mask"], nll, 0.0), aux
+  return jnp.where(rows["mask"], nll, 0.0), aux, new_routing["routing"]
 
 
 def _layer_metrics(aux: dict[str, Any]) -> dict[str, Any]:
@@ -53,17 +67,39 @@ def _layer_metrics(aux: dict[str, Any]) -> dict[str, Any]:
           for layer, a in aux.items()}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    num_microbatches: int = 1) -> Callable:
-  """train_step(state, batch, rng) -> (state, metrics); jit it with shardings."""
+def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
+                    num_microbatches: int = 1, data_shards: int = 1) -> Callable:
+  """train_step(state, batch, rng) -> (state, metrics); jit it with shardings.
 
-  def microbatch_loss(params, routing, rows, rng, total_tokens):
-    nll, aux = _forward(model, params, routing, rows, rng, deterministic=False)
+  `data_shards` is the data-parallel degree: the `microbatch` balance scope
+  balances each shard of a micro-batch on its own, as each device would.
+  """
+  two_pass = model.uses_global_balance and num_microbatches > 1
+
+  def microbatch_loss(params, routing, rows, rng, total_tokens, global_counts):
+    nll, aux, routing = _forward(model, params, routing, rows, rng, False, data_shards,
+                                 global_counts)
     aux_loss = sum((a.loss for a in aux.values()), jnp.zeros((), jnp.float32))
     loss = jnp.sum(nll) / total_tokens + aux_loss / num_microbatches
-    return loss, {"nll_sum": jnp.sum(nll), "aux_loss": aux_loss, "layers": _layer_metrics(aux)}
+    return loss, (routing, {"nll_sum": jnp.sum(nll), "aux_loss": aux_loss,
+                            "layers": _layer_metrics(aux)})
 
   grad_fn = jax.grad(microbatch_loss, has_aux=True)
+
+  def step_counts(state, pieces, rng):
+    """Each layer's selection counts summed over the step's micro-batches."""
+    def count(total, inputs):
+      piece, index = inputs
+      _, aux, _ = _forward(model, state.params, state.routing, piece,
+                           jax.random.fold_in(rng, index), False, data_shards)
+      counts = {k: a.metrics["selected"] for k, a in aux.items()}
+      return jax.tree_util.tree_map(jnp.add, total, counts), None
+    shapes = jax.eval_shape(lambda: _forward(
+        model, state.params, state.routing, jax.tree_util.tree_map(lambda a: a[0], pieces),
+        rng, False, data_shards)[1])
+    zeros = {k: jnp.zeros(a.metrics["selected"].shape, jnp.float32) for k, a in shapes.items()}
+    total, _ = jax.lax.scan(count, zeros, (pieces, jnp.arange(num_microbatches)))
+    return jax.lax.stop_gradient(total)
 
   def train_step(state: TrainState, batch: dict[str, Array], rng) -> tuple[TrainState, dict]:
     rows = split_batch(batch)
@@ -71,34 +107,56 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     pieces = jax.tree_util.tree_map(
         lambda a: a.reshape(num_microbatches, a.shape[0] // num_microbatches, *a.shape[1:]),
         rows)
+    global_counts = step_counts(state, pieces, rng) if two_pass else None
 
-    def accumulate(grads, inputs):
+    def accumulate(carry, inputs):
+      grads, routing = carry
       piece, index = inputs
-      g, m = grad_fn(state.params, state.routing, piece, jax.random.fold_in(rng, index),
-                     total_tokens)
-      return jax.tree_util.tree_map(jnp.add, grads, g), m
+      g, (routing, m) = grad_fn(state.params, routing, piece, jax.random.fold_in(rng, index),
+                                total_tokens, global_counts)
+      return (jax.tree_util.tree_map(jnp.add, grads, g), routing), m
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    grads, per_piece = jax.lax.scan(accumulate, zeros,
-                                    (pieces, jnp.arange(num_microbatches)))
-    # Routing metrics: the mean over micro-batches of each micro-batch's value.
+    (grads, routing), per_piece = jax.lax.scan(
+        accumulate, (zeros, state.routing), (pieces, jnp.arange(num_microbatches)))
+    layers = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), per_piece["layers"])
+    for name, layer in layers.items():
+      # MaxVio of the whole step's load next to the mean of the micro-batches'.
+      step_load = jnp.sum(per_piece["layers"][name]["load"], axis=0)
+      layer["step_max_violation"] = load_metrics.max_violation(step_load)
     metrics = {"loss": jnp.sum(per_piece["nll_sum"]) / total_tokens,
                "aux_loss": jnp.mean(per_piece["aux_loss"]), "tokens": total_tokens,
-               "grad_norm": optax.tree.norm(grads),
-               "layers": jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0),
-                                                per_piece["layers"])}
-    return state.apply_gradients(grads, tx), metrics
+               "grad_norm": optax.tree.norm(grads), "layers": layers}
+    state = state.apply_gradients(grads, tx).replace(routing=routing)
+    if routing:
+      _, updated = model.apply({"params": state.params, "routing": routing},
+                               method=TransformerLM.update_routing, mutable=["routing"])
+      state = state.replace(routing=updated["routing"])
+    return state, metrics
 
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable:
-  """eval_step(state, batch) -> sums: nll, tokens, and per-layer routing metrics."""
+def make_eval_step(model: TransformerLM, num_domains: Optional[int] = None) -> Callable:
+  """eval_step(state, batch) -> sums: nll, tokens, per-layer routing metrics, and,
+  for labelled data, per-layer domain-expert counts and their mutual information."""
 
   def eval_step(state: TrainState, batch: dict[str, Array]) -> dict:
     rows = split_batch(batch)
-    nll, aux = _forward(model, state.params, state.routing, rows, None, deterministic=True)
+    nll, aux, _ = _forward(model, state.params, state.routing, rows, None, deterministic=True)
+    layers = _layer_metrics(aux)
+    if num_domains and "domain" in rows:
+      for name, a in aux.items():
+        joint = joint_counts(a.plan, rows["domain"], num_domains,
+                             a.metrics["load"].shape[0], rows["segments"] > 0)
+        layers[name]["domain_expert_counts"] = joint
     return {"nll_sum": jnp.sum(nll), "tokens": jnp.sum(rows["mask"]).astype(jnp.float32),
-            "layers": _layer_metrics(aux)}
+            "layers": layers}
 
   return eval_step
+
+
+def domain_mutual_information(layers: dict[str, Any]) -> dict[str, float]:
+  """I(domain; expert) per layer from summed `domain_expert_counts`."""
+  return {name: float(mutual_information(m["domain_expert_counts"]))
+          for name, m in layers.items() if "domain_expert_counts" in m}

@@ -23,12 +23,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax.data import make_dataset
+from moejax.data.pipeline import num_domains
 from moejax.parallel import LOGICAL_RULES, make_mesh
 from moejax.train import setup
 from moejax.train.checkpoints import Checkpointer, abstract_like
 from moejax.train.report import write_report
 from moejax.train.state import TrainState, make_optimizer
-from moejax.train.step import make_eval_step, make_train_step, split_batch
+from moejax.train.step import (domain_mutual_information, make_eval_step, make_train_step,
+                               split_batch)
 from moejax.train.writers import MetricWriter
 
 LN2 = math.log(2.0)
@@ -92,6 +94,9 @@ def evaluate(state, eval_step, config, mesh, tokenizer) -> dict[str, Any]:
         np.add, layer_sums, out["layers"])
     batches += 1
   layers = jax.tree_util.tree_map(lambda a: np.asarray(a) / max(batches, 1), layer_sums or {})
+  for name, mi in domain_mutual_information(layers).items():
+    layers[name]["domain_expert_mi"] = mi
+    del layers[name]["domain_expert_counts"]
   return {"loss": totals["nll_sum"] / max(totals["tokens"], 1.0),
           "bits_per_byte": totals["nll_sum"] / LN2 / max(totals["bytes"], 1.0),
           "tokens": totals["tokens"], "layers": layers}
@@ -101,7 +106,8 @@ def _scalar_summary(metrics: dict[str, Any]) -> dict[str, Any]:
   """Train metrics without per-layer vectors: per-layer scalars are averaged."""
   out = {k: float(v) for k, v in metrics.items() if k != "layers"}
   layers = metrics.get("layers", {})
-  for key in ("max_violation", "dropped_share", "experts_per_token", "router_entropy"):
+  for key in ("max_violation", "step_max_violation", "dropped_share", "experts_per_token",
+              "router_entropy"):
     values = [float(m[key]) for m in layers.values() if key in m]
     if values:
       out[f"mean_{key}"] = float(np.mean(values))
@@ -130,10 +136,11 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
        f"mesh {dict(mesh.shape)}; training steps {start}..{t.steps} in {workdir}")
 
   batch_sharding = NamedSharding(mesh, P("data"))
-  train_step = jax.jit(make_train_step(model, tx, t.num_microbatches),
+  train_step = jax.jit(make_train_step(model, tx, t.num_microbatches, mesh.shape["data"]),
                        in_shardings=(shardings, batch_sharding, None),
                        out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
+  domains = num_domains(setup.pipeline_spec(config, config.data.eval_split, training=False))
+  eval_step = jax.jit(make_eval_step(model, domains), in_shardings=(shardings, batch_sharding))
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   base_key = jax.random.PRNGKey(config.seed)
 

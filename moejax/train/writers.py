@@ -4,7 +4,7 @@
   <workdir>/tensorboard/    event files (tensorboardX; no TensorFlow needed)
 
 Per-layer routing metrics are flattened to `layer_0/max_violation` and so on;
-vectors (per-expert load) go to the JSONL file only.
+vectors (per-expert load) go to the JSONL file and to TensorBoard histograms.
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ class MetricWriter:
       for name, value in flat.items():
         if isinstance(value, (int, float)):
           self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+        elif isinstance(value, list) and value and not isinstance(value[0], list):
+          self._tensorboard.add_histogram(f"{split}/{name}", np.asarray(value), step)
     return flat
 
   def close(self) -> None:
