@@ -25,10 +25,14 @@ bias_update  Auxiliary-loss-free balancing (DeepSeek, Wang et al. 2024): after e
                sign          b_e += u * sign(mean(c) - c_e)
                proportional  b_e += u * (mean(c) - c_e) / mean(c)
              optionally re-centred to zero mean.
-erc_loss     Expert-router coupling ("Coupling Experts and Routers in MoE via an
-             Auxiliary Loss", 2025) on M [E, E], M_ij = ||act_i(proxy_j)||: each
-             expert should activate most on its own proxy (rows) and each proxy
-             activate its own expert most (columns).
+erc_loss     Expert-router coupling (Lv et al., "Coupling Experts and Routers in
+             MoE via an Auxiliary Loss", 2025) on M [E, E], M_ij = ||act_i(proxy_j)||:
+             each expert should activate most on its own proxy (rows) and each
+             proxy activate its own expert most (columns). The paper's form is the
+             hinge (`margin`); the default `ce` is a softmax cross-entropy toward
+             the diagonal, which needs no margin to tune. Neither is invariant to
+             the scale of M, so larger expert weights can lower both: watch
+             diagonal_dominance, which is.
 """
 from __future__ import annotations
 

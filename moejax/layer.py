@@ -14,13 +14,20 @@ Shared experts: K_s always-on experts of width F/m, run as one dense FFN of widt
 K_s * F/m.
 
 Besides the router's own losses the layer offers two, weighted by `loss_weights`:
-`tsallis` (balance.tsallis_loss of the router distribution,
-q = tsallis_q; DynMoLE 2025) and `erc` (expert-router coupling, 2025): the
-router's expert vectors (computed only when its weight is positive), perturbed by multiplicative noise U(1 - erc_noise,
-1 + erc_noise) in training, are run through every expert; M_ij is the norm of
-expert i's intermediate activation on proxy j, balance.erc_loss penalises M
-for not being diagonal, and the metrics report its diagonal dominance. The cost
-is E^2 expert activations, whatever the batch.
+  tsallis  balance.tsallis_loss of the router distribution, q = tsallis_q
+           (DynMoLE 2025); always reported, weighted 0 unless set.
+  erc      expert-router coupling ("Coupling Experts and Routers in MoE via an
+           Auxiliary Loss", 2025), computed only when its weight is positive: the
+           router's expert vectors (columns of W_g), perturbed in training by
+           multiplicative noise U(1 - erc_noise, 1 + erc_noise), are run through
+           every expert; M_ij is the norm of expert i's intermediate activation on
+           proxy j (act(p W_i) or act(p W_gate,i) * (p W_up,i)); balance.erc_loss
+           penalises M for not being diagonal, and the metrics report its diagonal
+           dominance. The cost is E^2 expert activations, whatever the batch.
+
+Router state that is not a parameter (the aux-free bias and its step counts)
+lives in the `routing` collection; `update_routing()`, applied with
+mutable=['routing'] after the optimizer step, lets the router update it.
 """
 from __future__ import annotations
 
@@ -49,8 +56,10 @@ class MoEAux(flax.struct.PyTreeNode):
     loss: scalar, sum of loss_weights[name] * losses[name].
     losses: every router loss, unweighted.
     metrics: `load` [E] (valid assignments per expert), `max_violation`,
-      `load_cv`, `experts_per_token`, `router_entropy`, `dropped`,
-      `dropped_share`, and the router's own metrics.
+      `load_cv`, `experts_per_token`, `router_entropy` (mean per-token
+      entropy), `router_marginal_entropy` (entropy of the mean distribution),
+      `dropped`, `dropped_share`, the ERC diagonal dominance when the ERC loss
+      is on, and the router's own metrics.
     plan: the executed RoutingPlan (after capacity), for analysis.
   """
 
@@ -214,7 +223,8 @@ class MoE(nn.Module):
     losses = {**routed.losses, "tsallis": balance.tsallis_loss(routed.probs, self.tsallis_q)}
     aux_metrics = {**routed.metrics, **drop_metrics,
                    **metrics.plan_metrics(plan, num_experts, num_tokens),
-                   "router_entropy": metrics.entropy(routed.probs)}
+                   "router_entropy": metrics.entropy(routed.probs),
+                   "router_marginal_entropy": metrics.marginal_entropy(routed.probs)}
     if weights.get("erc", 0.0) > 0:
       norms = self._erc_activations(ffn, deterministic)
       losses["erc"] = balance.erc_loss(norms, self.erc_form, self.erc_margin)

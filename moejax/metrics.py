@@ -3,7 +3,9 @@
   load_e        valid assignments of expert e (counts c_e)
   MaxVio        (max_e c_e - mean_e c_e) / mean_e c_e  (DeepSeek, aux-loss-free 2024)
   load CV       std_e c_e / mean_e c_e
-  entropy       mean_t -sum_e p_te log p_te
+  entropy       mean_t -sum_e p_te log p_te   (per-token router uncertainty)
+  marginal      -sum_e P_e log P_e with P = mean_t p_t   (spread of the mean
+  entropy       distribution; minus `entropy` it is I(token; expert) in nats)
   experts/token valid assignments / T
 """
 from __future__ import annotations
@@ -34,6 +36,11 @@ def entropy(probs: Array) -> Array:
   """Mean over tokens of the entropy (nats) of each row of probs [T, E]."""
   probs = probs.astype(jnp.float32)
   return jnp.mean(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), axis=-1))
+
+
+def marginal_entropy(probs: Array) -> Array:
+  """Entropy (nats) of the mean distribution P = mean_t p_t of probs [T, E]."""
+  return entropy(jnp.mean(probs.reshape(-1, probs.shape[-1]).astype(jnp.float32), axis=0))
 
 
 def plan_metrics(plan: RoutingPlan, num_experts: int, num_tokens: int) -> dict[str, Array]:

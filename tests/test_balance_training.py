@@ -296,8 +296,8 @@ def test_step_max_violation_is_that_of_the_summed_load():
   np.testing.assert_allclose(layer["max_violation"], np.mean(violations), rtol=1e-5)
   np.testing.assert_allclose(layer["step_max_violation"],
                              metrics.max_violation(np.sum(loads, axis=0)), rtol=1e-5)
-  # The whole step is better balanced than its average piece (here, by design of
-  # _batch: each piece holds rows of all four bands, but few of them).
+  # With equal totals per piece, max of the sum <= sum of the maxima, so the step's
+  # MaxVio is at most the pieces' mean MaxVio.
   assert float(layer["step_max_violation"]) <= float(layer["max_violation"]) + 1e-6
 
 

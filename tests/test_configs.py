@@ -11,12 +11,13 @@ from moejax.train import setup
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
                  if not os.path.basename(p).startswith("_"))
+BALANCE = os.path.join(CONFIG_DIR, "balance.py")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_is_valid_and_documented(path):
   config = setup.config_from_file(path)
-  setup.check(config)
+  setup.check(config, num_devices=1)
   model = setup.build_model(config)
   assert model.vocab_size == 259
   text = open(path, encoding="utf-8").read()
@@ -31,3 +32,35 @@ def test_dense_tiny_matches_lm_tiny_active_width():
   assert dense.model.mlp_dim == moe.moe.top_k * moe.moe.hidden_dim
   for section in ("data", "train"):
     assert dense[section].to_dict() == moe[section].to_dict()
+
+
+def _balance(method):
+  return setup.config_from_file(f"{BALANCE}:{method}")
+
+
+@pytest.mark.parametrize("method", ["none", "switch_microbatch", "switch_global",
+                                    "switch_sequence", "aux_free", "aux_free_sequence", "erc"])
+def test_every_balance_method_is_valid_and_documented(method):
+  config = _balance(method)
+  setup.check(config, num_devices=1)
+  with pytest.raises(ValueError, match="mesh.data = 8"):   # 4-row micro-batches
+    setup.check(config, num_devices=8)
+  assert f"  {method} " in open(BALANCE, encoding="utf-8").read()
+  assert config.train.num_microbatches == 4
+
+
+def test_balance_methods_set_what_they_name():
+  weights = lambda m: _balance(m).moe.loss_weights
+  topk = lambda m: _balance(m).moe.topk
+  assert weights("none").switch == 0 and weights("none").z == 0
+  for scope in ("microbatch", "global", "sequence"):
+    assert topk(f"switch_{scope}").balance_scope == scope and weights(f"switch_{scope}").switch > 0
+  assert topk("aux_free").aux_free and weights("aux_free").switch == 0
+  assert topk("aux_free").score == "softmax"
+  # DeepSeek-V3: sigmoid gates, bias, and a small sequence-wise loss.
+  deepseek = _balance("aux_free_sequence")
+  assert deepseek.moe.topk.aux_free and deepseek.moe.topk.score == "sigmoid"
+  assert deepseek.moe.topk.balance_scope == "sequence" and deepseek.moe.loss_weights.switch == 1e-4
+  assert weights("erc").erc > 0 and topk("erc").balance_scope == "microbatch"
+  with pytest.raises(ValueError, match="balance method"):
+    _balance("switch_batch")

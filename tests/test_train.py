@@ -49,6 +49,30 @@ def test_loss_decreases_and_run_leaves_its_outputs(seed0_run):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
 
 
+def test_run_logs_the_load_and_specialisation_metrics(seed0_run):
+  workdir, evaluation = seed0_run
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  train_record = [r for r in records if r["split"] == "train"][-1]
+  for layer in ("layer_0", "layer_1"):
+    # Per-expert load of one step: 8 rows * 32 tokens * K = 2 assignments over E = 4.
+    load = train_record[f"layers/{layer}/load"]
+    assert len(load) == 4 and sum(load) == 8 * 32 * 2
+    mean = sum(load) / 4
+    np.testing.assert_allclose(train_record[f"layers/{layer}/step_max_violation"],
+                               (max(load) - mean) / mean, rtol=1e-5)
+    for key in ("max_violation", "load_cv", "router_entropy", "router_marginal_entropy",
+                "loss_switch", "loss_z", "loss_tsallis"):
+      assert np.isfinite(train_record[f"layers/{layer}/{key}"]), key
+    # synthetic_domains is labelled: I(domain; expert) in [0, log 8] nats (0 here
+    # when the 16 evaluated rows, read in order, hold a single document).
+    assert 0.0 <= evaluation["layers"][layer]["domain_expert_mi"] <= np.log(8)
+  for key in ("mean_max_violation", "mean_step_max_violation", "mean_load_cv"):
+    assert key in train_record
+  report = open(os.path.join(workdir, "routing_report.md"), encoding="utf-8").read()
+  assert "MI(domain; expert)" in report
+
+
 def test_same_seed_same_losses_other_seed_other_losses(seed0_run, tfds_dir, tmp_path):
   workdir, _ = seed0_run
   again = str(tmp_path / "again")
@@ -62,7 +86,10 @@ def test_same_seed_same_losses_other_seed_other_losses(seed0_run, tfds_dir, tmp_
 
 @pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tfds_dir, tmp_path):
-  overrides = {"train.steps": 40, "train.checkpoint_every": 5, "train.eval_every": 40}
+  """With the aux-free bias on (a large rate, so routing depends on it), identical
+  losses after the resume also show that the `routing` collection was restored."""
+  overrides = {"train.steps": 40, "train.checkpoint_every": 5, "train.eval_every": 40,
+               "moe.topk.aux_free": True, "moe.topk.bias_rate": 0.05}
   straight = str(tmp_path / "straight")
   subprocess.run(main_command(straight, tfds_dir, **overrides), env=_env(), cwd=REPO,
                  check=True, capture_output=True)

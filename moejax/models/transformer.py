@@ -25,7 +25,7 @@ from flax.core import FrozenDict
 from moejax import routers, validation
 from moejax.core import RoutingContext
 from moejax.experts import FFNWeights, dense_matmul
-from moejax.layer import MoE, MoEAux
+from moejax.layer import DEFAULT_LOSS_WEIGHTS, MoE, MoEAux
 from moejax.models.attention import CausalSelfAttention
 
 Array = jax.Array
@@ -162,7 +162,8 @@ class TransformerLM(nn.Module):
     if self.moe is None:
       return False
     settings = dict(self.moe.get("router_kwargs", {}))
-    return settings.get("balance_scope") == "global"
+    weights = dict(self.moe.get("loss_weights", DEFAULT_LOSS_WEIGHTS))
+    return settings.get("balance_scope") == "global" and weights.get("switch", 0.0) > 0
 
   def setup(self):
     self.embed = nn.Embed(self.vocab_size, self.model_dim, dtype=self.dtype,

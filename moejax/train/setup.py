@@ -30,14 +30,18 @@ MOE_FIELDS = ("num_experts", "hidden_dim", "top_k", "router", "engine", "backend
 
 
 def config_from_file(path: str, sibling_of: Optional[str] = None):
-  """get_config() of a config file; `sibling_of` resolves `path` next to that file."""
+  """get_config() of a config file; `sibling_of` resolves `path` next to that file.
+
+  `file.py:arg` calls get_config("arg"), as ml_collections' --config flag does.
+  """
+  path, _, arg = path.partition(":")
   if sibling_of is not None:
     path = os.path.join(os.path.dirname(os.path.abspath(sibling_of)), path)
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"moejax_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def _plain(value: Any) -> Any:
@@ -133,8 +137,9 @@ def pipeline_spec(config, split: str, training: bool) -> PipelineSpec:
       domain_key=d.get("domain_key") or None)
 
 
-def check(config) -> None:
-  """Validates the config; raises ValueError naming the first bad field."""
+def check(config, num_devices: Optional[int] = None) -> None:
+  """Validates the config for `num_devices` (default: this process's devices);
+  raises ValueError naming the first bad field."""
   validation.positive_int("seed", config.seed, minimum=0)
   d, t = config.data, config.train
   if not d.name:
@@ -151,7 +156,7 @@ def check(config) -> None:
   if t.batch_size % t.num_microbatches:
     raise ValueError(f"train.num_microbatches ({t.num_microbatches}) must divide "
                      f"train.batch_size ({t.batch_size})")
-  data_parallel = mesh_shape(config)[0]
+  data_parallel = mesh_shape(config, num_devices)[0]
   micro = t.batch_size // t.num_microbatches
   if micro % data_parallel:
     raise ValueError(f"train.batch_size / train.num_microbatches = {micro} rows must divide "

@@ -106,8 +106,8 @@ def _scalar_summary(metrics: dict[str, Any]) -> dict[str, Any]:
   """Train metrics without per-layer vectors: per-layer scalars are averaged."""
   out = {k: float(v) for k, v in metrics.items() if k != "layers"}
   layers = metrics.get("layers", {})
-  for key in ("max_violation", "step_max_violation", "dropped_share", "experts_per_token",
-              "router_entropy"):
+  for key in ("max_violation", "step_max_violation", "load_cv", "dropped_share",
+              "experts_per_token", "router_entropy", "router_marginal_entropy"):
     values = [float(m[key]) for m in layers.values() if key in m]
     if values:
       out[f"mean_{key}"] = float(np.mean(values))

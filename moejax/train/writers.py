@@ -4,7 +4,9 @@
   <workdir>/tensorboard/    event files (tensorboardX; no TensorFlow needed)
 
 Per-layer routing metrics are flattened to `layer_0/max_violation` and so on;
-vectors (per-expert load) go to the JSONL file and to TensorBoard histograms.
+vectors go to the JSONL file and to TensorBoard histograms. A per-expert load
+`.../load` [E] becomes the histogram of the expert index over assignments: one
+bucket per expert, holding its count.
 """
 from __future__ import annotations
 
@@ -25,6 +27,15 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
       value = np.asarray(value)
       out[name] = value.item() if value.ndim == 0 else value.tolist()
   return out
+
+
+def expert_histogram(load: list[float]) -> dict[str, Any]:
+  """add_histogram_raw arguments for the expert index weighted by load [E]."""
+  counts = np.asarray(load, np.float64)
+  index = np.arange(len(counts), dtype=np.float64)
+  return {"min": 0.0, "max": float(len(counts) - 1), "num": float(counts.sum()),
+          "sum": float(np.dot(index, counts)), "sum_squares": float(np.dot(index ** 2, counts)),
+          "bucket_limits": (index + 0.5).tolist(), "bucket_counts": counts.tolist()}
 
 
 class MetricWriter:
@@ -48,7 +59,11 @@ class MetricWriter:
         if isinstance(value, (int, float)):
           self._tensorboard.add_scalar(f"{split}/{name}", value, step)
         elif isinstance(value, list) and value and not isinstance(value[0], list):
-          self._tensorboard.add_histogram(f"{split}/{name}", np.asarray(value), step)
+          if name.endswith("/load"):
+            self._tensorboard.add_histogram_raw(f"{split}/{name}", global_step=step,
+                                                **expert_histogram(value))
+          else:
+            self._tensorboard.add_histogram(f"{split}/{name}", np.asarray(value), step)
     return flat
 
   def close(self) -> None:
