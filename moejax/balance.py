@@ -15,8 +15,9 @@ switch_loss  Switch Transformer (Fedus et al. 2021), load-balancing loss, as sta
                            what one device sees (the common implementation)
                global      f from the counts of the whole optimizer step (all
                            devices, all micro-batches); P over this micro-batch.
-                           Summed over micro-batches it is the loss of the global
-                           batch, and so is its gradient.
+                           Averaged over equal micro-batches (as the train step
+                           weighs them) it is the loss of the global batch, and
+                           so is its gradient.
 z_loss       ST-MoE (Zoph et al. 2022), router z-loss: mean_t (logsumexp_e z_te)^2.
 tsallis      DynMoLE (2025): S_q(p) = (1 - sum_e p_e^q) / (q - 1), mean over tokens;
              q -> 1 is the Shannon entropy.

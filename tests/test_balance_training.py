@@ -249,8 +249,8 @@ def test_train_step_updates_the_bias_from_the_global_step_counts():
   batch = _batch()
   state = _state(model, tx, batch)
   # The step counts, by hand: the initial model routing the whole batch.
-  _, aux = model.apply({"params": state.params, "routing": state.routing},
-                       batch["tokens"][:, :-1])
+  _, aux = jax.jit(model.apply)({"params": state.params, "routing": state.routing},
+                                batch["tokens"][:, :-1])
   for devices, microbatches in ((1, 1), (DEVICES, MICROBATCHES)):
     new, _ = _run_step(model, tx, state, batch, devices, microbatches)
     for layer, a in aux.items():
@@ -267,8 +267,9 @@ def test_counts_stay_float32_with_bfloat16_activations():
   model = TransformerLM(vocab_size=32, num_layers=1, model_dim=16, num_heads=2, mlp_dim=32,
                         moe={**MOE, "router_kwargs": {"aux_free": True}}, dtype=jnp.bfloat16)
   tokens = _batch(rows=4)["tokens"][:, :-1]
-  variables = model.init(jax.random.PRNGKey(0), tokens)
-  _, state = model.apply(variables, tokens, deterministic=False, mutable=["routing"])
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+  _, state = jax.jit(lambda v, t: model.apply(v, t, deterministic=False,
+                                              mutable=["routing"]))(variables, tokens)
   router = state["routing"]["block_0"]["moe"]["router"]
   assert router["counts"].dtype == jnp.float32 and router["bias"].dtype == jnp.float32
   assert float(jnp.sum(router["counts"])) == 4 * 8 * 2
@@ -286,9 +287,10 @@ def test_step_max_violation_is_that_of_the_summed_load():
       state, batch, jax.random.PRNGKey(1))
   # By hand: each quarter of the batch routed on its own.
   loads, violations = [], []
+  apply = jax.jit(model.apply)
   for piece in range(MICROBATCHES):
     tokens = batch["tokens"][piece * 8:(piece + 1) * 8, :-1]
-    _, aux = model.apply({"params": state.params}, tokens)
+    _, aux = apply({"params": state.params}, tokens)
     loads.append(aux["layer_0"].metrics["load"])
     violations.append(aux["layer_0"].metrics["max_violation"])
   layer = step_metrics["layers"]["layer_0"]
@@ -312,8 +314,8 @@ def _erc_layer(**kwargs):
 def test_erc_activation_matrix_by_hand():
   layer = _erc_layer(erc_noise=0.0, expert_type="glu")
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6))
-  variables = layer.init(jax.random.PRNGKey(1), x)
-  _, aux = layer.apply(variables, x)
+  variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+  _, aux = jax.jit(layer.apply)(variables, x)
   p = nn.meta.unbox(variables["params"])
   proxies = np.asarray(p["router"]["gate"]["kernel"]).T          # [E, D]
   experts = p["experts"]
@@ -333,8 +335,8 @@ def test_erc_activation_matrix_by_hand():
 def test_erc_gradient_reaches_router_and_expert_input_weights_only():
   layer = _erc_layer(erc_noise=0.0, expert_type="mlp")
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6))
-  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x)["params"])
-  grads = jax.grad(lambda p: layer.apply({"params": p}, x)[1].losses["erc"])(params)
+  params = nn.meta.unbox(jax.jit(layer.init)(jax.random.PRNGKey(1), x)["params"])
+  grads = jax.jit(jax.grad(lambda p: layer.apply({"params": p}, x)[1].losses["erc"]))(params)
   assert float(jnp.max(jnp.abs(grads["router"]["gate"]["kernel"]))) > 0
   assert float(jnp.max(jnp.abs(grads["experts"]["wi"]))) > 0
   assert float(jnp.max(jnp.abs(grads["experts"]["wo"]))) == 0.0
@@ -343,13 +345,14 @@ def test_erc_gradient_reaches_router_and_expert_input_weights_only():
 def test_erc_noise_is_bounded_and_only_in_training():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6))
   noisy, clean = _erc_layer(erc_noise=0.3), _erc_layer(erc_noise=0.0)
-  variables = clean.init(jax.random.PRNGKey(1), x)
-  want = clean.apply(variables, x)[1].losses["erc"]
-  np.testing.assert_allclose(noisy.apply(variables, x, deterministic=True)[1].losses["erc"],
-                             want, rtol=1e-6)
-  trained = [noisy.apply(variables, x, deterministic=False,
-                         rngs={"router": jax.random.PRNGKey(s)})[1].losses["erc"]
-             for s in range(3)]
+  variables = jax.jit(clean.init)(jax.random.PRNGKey(1), x)
+  want = jax.jit(clean.apply)(variables, x)[1].losses["erc"]
+  np.testing.assert_allclose(
+      jax.jit(lambda v: noisy.apply(v, x, deterministic=True))(variables)[1].losses["erc"],
+      want, rtol=1e-6)
+  train = jax.jit(lambda v, key: noisy.apply(v, x, deterministic=False,
+                                             rngs={"router": key})[1].losses["erc"])
+  trained = [train(variables, jax.random.PRNGKey(s)) for s in range(3)]
   assert len({float(v) for v in trained}) == 3 and all(float(v) != float(want)
                                                       for v in trained)
   with pytest.raises(ValueError, match="deterministic"):
