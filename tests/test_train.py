@@ -73,6 +73,23 @@ def test_run_logs_the_load_and_specialisation_metrics(seed0_run):
   assert "MI(domain; expert)" in report
 
 
+def test_rerunning_a_finished_run_evaluates_it_again(seed0_run, tfds_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(seed0_run[0], workdir)
+  before = len(open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8").readlines())
+  evaluation = train(tiny_config(tfds_dir, **{"train.eval_batches": 4}), workdir,
+                     progress=False)
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == before + 1                      # no training, one evaluation
+  assert records[-1]["split"] == "eval" and records[-1]["step"] == 20
+  # Four batches of 8 rows x 32 targets, against the run's own two (targets that
+  # cross a document boundary are not counted).
+  assert records[-1]["tokens"] == evaluation["tokens"]
+  assert 2 * 256 < evaluation["tokens"] <= 4 * 256 and seed0_run[1]["tokens"] <= 2 * 256
+
+
 def test_same_seed_same_losses_other_seed_other_losses(seed0_run, tfds_dir, tmp_path):
   workdir, _ = seed0_run
   again = str(tmp_path / "again")

@@ -5,7 +5,8 @@
 Resumes automatically from the latest checkpoint in the workdir: parameters,
 optimizer state, `routing` collection and data position are restored, and the
 step's random key is fold_in(seed, step), so a resumed run computes the same
-losses as an uninterrupted one. Progress goes to stderr (a tqdm bar with loss,
+losses as an uninterrupted one. Rerunning a finished run evaluates it again
+(for instance with other train.eval_batches) and logs and reports that. Progress goes to stderr (a tqdm bar with loss,
 tokens/s and ETA); metrics go to <workdir>/metrics.jsonl and TensorBoard.
 """
 from __future__ import annotations
@@ -175,8 +176,9 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
       checkpointer.save(done, state, train_iter)
   if bar is not None:
     bar.close()
-  if evaluation is None:
+  if evaluation is None:   # a finished run, rerun: evaluate (and log) it again
     evaluation = evaluate(state, eval_step, config, mesh, tokenizer)
+    writer.write(t.steps, "eval", evaluation)
   if jax.process_index() == 0:
     write_report(workdir, t.steps, evaluation)
     _log(f"routing report: {os.path.join(workdir, 'routing_report.md')}")
