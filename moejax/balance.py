@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from moejax import validation
+from moejax import grouping, metrics, validation
 
 Array = jax.Array
 
@@ -53,11 +53,11 @@ ERC_FORMS = ("ce", "margin")
 
 def selection_counts(expert_index: Array, num_experts: int,
                      mask: Optional[Array] = None) -> Array:
-  """float32[E]: how often each expert is selected in expert_index [..., K]."""
-  one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
-  if mask is not None:
-    one_hot = one_hot * mask[..., None].astype(jnp.float32)
-  return jnp.sum(one_hot.reshape(-1, num_experts), axis=0)
+  """float32[E]: how often each expert is selected in expert_index [..., K]
+  (where mask [..., K], if given, is True)."""
+  expert = expert_index.reshape(-1)
+  valid = jnp.ones(expert.shape, bool) if mask is None else mask.reshape(-1)
+  return grouping.expert_counts(expert, valid, num_experts).astype(jnp.float32)
 
 
 def psum_counts(counts: Array, axis_names: Sequence[str] = ()) -> Array:
@@ -117,9 +117,8 @@ def scoped_switch_loss(probs: Array, expert_index: Array, num_experts: int,
   if mask is None:
     mask = jnp.ones(expert_index.shape, bool)
   if scope == "global":
-    counts = selection_counts(expert_index, num_experts, mask)
-    if global_counts is not None:
-      counts = global_counts.astype(jnp.float32)
+    counts = (selection_counts(expert_index, num_experts, mask) if global_counts is None
+              else global_counts.astype(jnp.float32))
     return _switch_from_counts(probs.reshape(-1, num_experts), counts)
   if scope == "microbatch":
     if batch % groups:
@@ -141,11 +140,11 @@ def tsallis_entropy(probs: Array, q: float) -> Array:
 
   Zero entries contribute nothing, with a finite gradient also for q < 1.
   """
+  if q == 1:
+    return metrics.row_entropy(probs)
   probs = probs.astype(jnp.float32)
   positive = probs > 0
   safe = jnp.where(positive, probs, 1.0)
-  if q == 1:
-    return -jnp.sum(jnp.where(positive, safe * jnp.log(safe), 0.0), axis=-1)
   return (1.0 - jnp.sum(jnp.where(positive, safe ** q, 0.0), axis=-1)) / (q - 1.0)
 
 

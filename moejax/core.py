@@ -140,5 +140,10 @@ class RoutingContext:
 
   @property
   def layer_key(self) -> str:
-    """`layer_<i>`, the key of this layer in per-layer mappings."""
-    return f"layer_{self.layer}"
+    """The key of this layer in per-layer mappings (see layer_key)."""
+    return layer_key(self.layer)
+
+
+def layer_key(layer: int) -> str:
+  """`layer_<i>`: the key of MoE layer i in per-layer mappings (aux, counts)."""
+  return f"layer_{layer}"

@@ -225,7 +225,7 @@ class MoE(nn.Module):
                    **metrics.plan_metrics(plan, num_experts, num_tokens),
                    "router_entropy": metrics.entropy(routed.probs),
                    "router_marginal_entropy": metrics.marginal_entropy(routed.probs)}
-    if weights.get("erc", 0.0) > 0:
+    if self.uses_erc:
       norms = self._erc_activations(ffn, deterministic)
       losses["erc"] = balance.erc_loss(norms, self.erc_form, self.erc_margin)
       aux_metrics.update(balance.diagonal_dominance(norms))
@@ -233,6 +233,11 @@ class MoE(nn.Module):
                jnp.zeros((), jnp.float32))
     aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics, plan=plan)
     return y.reshape(batch, length, model_dim), aux
+
+  @property
+  def uses_erc(self) -> bool:
+    """Whether the ERC loss is computed (its weight is positive)."""
+    return dict(self.loss_weights).get("erc", 0.0) > 0
 
   def _erc_activations(self, ffn, deterministic: bool) -> Array:
     """M [E, E]: norm of expert i's intermediate activation on router proxy j."""
@@ -253,9 +258,11 @@ class MoE(nn.Module):
 
   def _resolve_deterministic(self, deterministic: Optional[bool]) -> bool:
     if deterministic is None and self.deterministic is None:
-      erc_noise = dict(self.loss_weights).get("erc", 0.0) > 0 and self.erc_noise > 0
-      if getattr(self.router_module, "uses_rng", False) or erc_noise:
+      if getattr(self.router_module, "uses_rng", False):
         raise ValueError("deterministic must be given (to the layer or the call): router "
                          f"{self.router!r} draws training noise")
+      if self.uses_erc and self.erc_noise > 0:
+        raise ValueError("deterministic must be given (to the layer or the call): the "
+                         "ERC loss perturbs its proxies in training (erc_noise > 0)")
       return True
     return nn.merge_param("deterministic", self.deterministic, deterministic)

@@ -32,10 +32,18 @@ def coefficient_of_variation(counts: Array) -> Array:
   return jnp.where(mean > 0, jnp.std(counts) / jnp.maximum(mean, 1e-9), 0.0)
 
 
+def row_entropy(probs: Array) -> Array:
+  """Entropy (nats) of each row of probs [..., E]; zero entries contribute
+  nothing, with finite gradients."""
+  probs = probs.astype(jnp.float32)
+  positive = probs > 0
+  safe = jnp.where(positive, probs, 1.0)
+  return -jnp.sum(jnp.where(positive, safe * jnp.log(safe), 0.0), axis=-1)
+
+
 def entropy(probs: Array) -> Array:
   """Mean over tokens of the entropy (nats) of each row of probs [T, E]."""
-  probs = probs.astype(jnp.float32)
-  return jnp.mean(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), axis=-1))
+  return jnp.mean(row_entropy(probs))
 
 
 def marginal_entropy(probs: Array) -> Array:

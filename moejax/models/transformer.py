@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from moejax import routers, validation
-from moejax.core import RoutingContext
+from moejax.core import RoutingContext, layer_key
 from moejax.experts import FFNWeights, dense_matmul
 from moejax.layer import DEFAULT_LOSS_WEIGHTS, MoE, MoEAux
 from moejax.models.attention import CausalSelfAttention
@@ -152,11 +152,6 @@ class TransformerLM(nn.Module):
     return self.moe is not None and (layer + 1) % self.moe_every == 0
 
   @property
-  def moe_layers(self) -> list[str]:
-    """Keys of the MoE layers in the aux dict, `layer_<i>`."""
-    return [f"layer_{i}" for i in range(self.num_layers) if self.is_moe_layer(i)]
-
-  @property
   def uses_global_balance(self) -> bool:
     """Whether a router balances over the whole step (needs RoutingContext.global_counts)."""
     if self.moe is None:
@@ -205,7 +200,7 @@ class TransformerLM(nn.Module):
     for layer, block in enumerate(self.blocks):
       x, layer_aux = block(x, ctx, deterministic)
       if layer_aux is not None:
-        aux[f"layer_{layer}"] = layer_aux
+        aux[layer_key(layer)] = layer_aux
     x = self.final_norm(x)
     if self.tie_embeddings:
       logits = x.astype(jnp.float32) @ jnp.asarray(self.embed.embedding, jnp.float32).T

@@ -190,16 +190,17 @@ class TopKRouter(nn.Module):
 
     counts = balance.selection_counts(expert_index, self.num_experts)
     if self.aux_free:
-      step_counts = self.variable("routing", "counts", jnp.zeros, (self.num_experts,),
+      accumulated = self.variable("routing", "counts", jnp.zeros, (self.num_experts,),
                                   jnp.float32)
       if self.is_mutable_collection("routing") and not self.is_initializing():
-        step_counts.value = step_counts.value + counts
+        accumulated.value = accumulated.value + counts
 
-    global_counts = (ctx.global_counts or {}).get(ctx.layer_key)
+    # Without the step's counts (one micro-batch), this call's counts are the step's.
+    step_counts = (ctx.global_counts or {}).get(ctx.layer_key, counts)
     switch = balance.scoped_switch_loss(
         probs.reshape(batch, -1, self.num_experts),
         expert_index.reshape(batch, -1, self.top_k), self.num_experts,
-        scope=self.balance_scope, groups=ctx.data_shards, global_counts=global_counts)
+        scope=self.balance_scope, groups=ctx.data_shards, global_counts=step_counts)
     losses = {"switch": switch, "z": balance.z_loss(logits)}
     return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights),
                         logits=logits, probs=probs, losses=losses,

@@ -57,9 +57,11 @@ def _forward(model: TransformerLM, params: Any, routing: Any, rows: dict[str, Ar
   out = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
                     deterministic=deterministic, rngs=rngs, mutable=mutable,
                     global_counts=global_counts, data_shards=data_shards)
-  (logits, aux), new_routing = (out, {"routing": routing}) if not mutable else out
+  if mutable:
+    out, routing = out[0], out[1]["routing"]
+  logits, aux = out
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
-  return jnp.where(rows["mask"], nll, 0.0), aux, new_routing["routing"]
+  return jnp.where(rows["mask"], nll, 0.0), aux, routing
 
 
 def _layer_metrics(aux: dict[str, Any]) -> dict[str, Any]:
@@ -88,18 +90,13 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
 
   def step_counts(state, pieces, rng):
     """Each layer's selection counts summed over the step's micro-batches."""
-    def count(total, inputs):
+    def count(inputs):
       piece, index = inputs
       _, aux, _ = _forward(model, state.params, state.routing, piece,
                            jax.random.fold_in(rng, index), False, data_shards)
-      counts = {k: a.metrics["selected"] for k, a in aux.items()}
-      return jax.tree_util.tree_map(jnp.add, total, counts), None
-    shapes = jax.eval_shape(lambda: _forward(
-        model, state.params, state.routing, jax.tree_util.tree_map(lambda a: a[0], pieces),
-        rng, False, data_shards)[1])
-    zeros = {k: jnp.zeros(a.metrics["selected"].shape, jnp.float32) for k, a in shapes.items()}
-    total, _ = jax.lax.scan(count, zeros, (pieces, jnp.arange(num_microbatches)))
-    return jax.lax.stop_gradient(total)
+      return {k: a.metrics["selected"] for k, a in aux.items()}
+    per_piece = jax.lax.map(count, (pieces, jnp.arange(num_microbatches)))
+    return jax.tree_util.tree_map(lambda c: jnp.sum(c, axis=0), per_piece)
 
   def train_step(state: TrainState, batch: dict[str, Array], rng) -> tuple[TrainState, dict]:
     rows = split_batch(batch)
@@ -139,7 +136,8 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
 
 def make_eval_step(model: TransformerLM, num_domains: Optional[int] = None) -> Callable:
   """eval_step(state, batch) -> sums: nll, tokens, per-layer routing metrics, and,
-  for labelled data, per-layer domain-expert counts and their mutual information."""
+  for labelled data, per-layer domain-expert counts (domain_mutual_information
+  turns their sum over batches into I(domain; expert))."""
 
   def eval_step(state: TrainState, batch: dict[str, Array]) -> dict:
     rows = split_batch(batch)
