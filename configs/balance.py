@@ -46,6 +46,7 @@ def get_config(method: str = "switch_microbatch") -> ml_collections.ConfigDict:
   config = setup.config_from_file("lm_tiny.py", sibling_of=__file__)
   config.train.num_microbatches = 4
   moe, topk = config.moe, config.moe.topk
+  moe.loss_weights.switch, moe.loss_weights.z = 1e-2, 1e-3
   if method in ("none", "aux_free", "aux_free_sequence"):
     moe.loss_weights.switch = 0.0
   if method == "none":

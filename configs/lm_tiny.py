@@ -17,6 +17,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from moejax.train import setup
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -61,8 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
       activation="silu",
       granularity=1,
       num_shared_experts=0,
-      # Router losses (switch, z) and the layer's (tsallis, erc: on when > 0).
-      loss_weights=ml_collections.ConfigDict(dict(switch=1e-2, z=1e-3, tsallis=0.0, erc=0.0)),
+      # Weights of the router's losses (None: the router's defaults, for topk
+      # switch 1e-2 and z 1e-3) and of the layer's (tsallis, erc: on when > 0).
+      loss_weights=ml_collections.ConfigDict({
+          name: config_dict.placeholder(float)
+          for name in ("switch", "z", "entropy", "sparsity", "tsallis", "erc")}),
       tsallis_q=2.0,
       erc_noise=0.1,
       erc_form="ce",
@@ -83,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
           bias_recenter=False,
       )),
   ))
+
+  # Every other router's settings at their defaults: --config.moe.router=NAME.
+  config.moe.update(setup.router_sections(exclude=("topk",)))
 
   config.train = ml_collections.ConfigDict(dict(
       batch_size=16,

@@ -25,6 +25,15 @@ Besides the router's own losses the layer offers two, weighted by `loss_weights`
            penalises M for not being diagonal, and the metrics report its diagonal
            dominance. The cost is E^2 expert activations, whatever the batch.
 
+Soft MoE (router `soft`) has no assignment list: the layer mixes tokens into
+slots, runs the slots through the same engine and experts (moejax.soft_moe) and
+combines; `aux.plan` then holds each token's expert of largest combine mass, for
+analysis, and `experts_per_token` the slot rows per token (its compute).
+
+A router that looks at other tokens of the batch (expert choice, Sinkhorn in
+training, Soft MoE) raises in a causal model (RoutingContext.causal) unless its
+allow_noncausal is set (routers.check_causal).
+
 Router state that is not a parameter (the aux-free bias and its step counts)
 lives in the `routing` collection; `update_routing()`, applied with
 mutable=['routing'] after the optimizer step, lets the router update it.
@@ -39,13 +48,12 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from moejax import balance, capacity, dispatch, metrics, routers, validation
+from moejax import balance, capacity, dispatch, metrics, routers, soft_moe, validation
 from moejax.core import RoutingContext, RoutingPlan
 from moejax.experts import FFNWeights, dense_matmul
 
 Array = jax.Array
 
-DEFAULT_LOSS_WEIGHTS = FrozenDict({"switch": 1e-2, "z": 1e-3})
 LAYER_LOSSES = ("tsallis", "erc")
 
 
@@ -60,7 +68,8 @@ class MoEAux(flax.struct.PyTreeNode):
       entropy), `router_marginal_entropy` (entropy of the mean distribution),
       `dropped`, `dropped_share`, the ERC diagonal dominance when the ERC loss
       is on, and the router's own metrics.
-    plan: the executed RoutingPlan (after capacity), for analysis.
+    plan: the executed RoutingPlan (after capacity), for analysis; for Soft MoE
+      each token's expert of largest combine mass.
   """
 
   loss: Array
@@ -89,7 +98,8 @@ class MoE(nn.Module):
     granularity: m, fine-grained expert split.
     num_shared_experts: K_s, always-on experts.
     loss_weights: weight of each loss in `aux.loss`: the router's losses, and
-      `tsallis` and `erc` of the layer; missing names weigh 0.
+      `tsallis` and `erc` of the layer; missing names weigh 0. None: the
+      router's default_loss_weights.
     tsallis_q: q of the Tsallis entropy.
     erc_noise: multiplicative noise on the ERC proxies (training only).
     erc_form: `ce` or `margin` (see balance.erc_loss).
@@ -114,7 +124,7 @@ class MoE(nn.Module):
   activation: str = "silu"
   granularity: int = 1
   num_shared_experts: int = 0
-  loss_weights: Mapping[str, float] = DEFAULT_LOSS_WEIGHTS
+  loss_weights: Optional[Mapping[str, float]] = None
   tsallis_q: float = 2.0
   erc_noise: float = 0.1
   erc_form: str = "ce"
@@ -142,9 +152,9 @@ class MoE(nn.Module):
       if reserved in self.router_kwargs:
         raise ValueError(f"router_kwargs.{reserved} is set by the layer (its {reserved} "
                          f"and granularity); set MoE.{reserved} instead")
-    router = self._make_router(parent=None)
+    router = self.make_router(parent=None)
     known = list(router.loss_names) + list(LAYER_LOSSES)
-    for name, weight in dict(self.loss_weights).items():
+    for name, weight in self.resolved_loss_weights.items():
       if name not in known:
         raise ValueError(f"loss_weights has {name!r}, which neither router {self.router!r} "
                          f"nor the layer returns; losses: {known}")
@@ -153,9 +163,22 @@ class MoE(nn.Module):
     validation.in_range("erc_noise", self.erc_noise, 0, 1, high_open=True)
     validation.one_of("erc_form", self.erc_form, balance.ERC_FORMS)
     validation.in_range("erc_margin", self.erc_margin, 0, 1, low_open=True)
+    if self.uses_erc and not hasattr(router, "expert_embeddings"):
+      raise ValueError(f"loss_weights.erc needs a router with expert vectors; router "
+                       f"{self.router!r} has none")
+    if getattr(router, "mixes_tokens", False) and self.capacity_factor is not None:
+      raise ValueError(f"capacity_factor must be None for router {self.router!r}: Soft MoE "
+                       f"has a fixed number of slots and drops nothing")
     FFNWeights(self.expert_hidden_dim, self.routed_experts, self.expert_type,
                self.activation, parent=None)
     super().__post_init__()
+
+  @property
+  def resolved_loss_weights(self) -> dict[str, float]:
+    """loss_weights, or the router's defaults when None."""
+    if self.loss_weights is None:
+      return dict(routers.get(self.router).default_loss_weights)
+    return dict(self.loss_weights)
 
   @property
   def routed_experts(self) -> int:
@@ -172,7 +195,8 @@ class MoE(nn.Module):
     """F / m."""
     return self.hidden_dim // self.granularity
 
-  def _make_router(self, **module_kwargs) -> nn.Module:
+  def make_router(self, **module_kwargs) -> nn.Module:
+    """The router with this layer's E, K and router_kwargs (unbound with parent=None)."""
     kwargs = {"num_experts": self.routed_experts, "top_k": self.experts_per_token}
     kwargs.update(dict(self.router_kwargs))
     return routers.create(self.router, **kwargs, **module_kwargs)
@@ -183,7 +207,7 @@ class MoE(nn.Module):
     return dispatch.create(self.engine)
 
   def setup(self):
-    self.router_module = self._make_router(name="router")
+    self.router_module = self.make_router(name="router")
     self.experts = FFNWeights(self.expert_hidden_dim, self.routed_experts, self.expert_type,
                               self.activation, self.dtype, self.param_dtype)
     if self.num_shared_experts:
@@ -203,7 +227,11 @@ class MoE(nn.Module):
     ctx = RoutingContext() if ctx is None else ctx
     num_tokens, num_experts = batch * length, self.routed_experts
 
+    if ctx.causal:
+      routers.check_causal(self.router_module)
     routed = self.router_module(x, ctx, deterministic=deterministic)
+    if isinstance(routed, routers.SoftRouting):
+      return self._soft(x, routed, deterministic)
     plan, cap = routed.plan, None
     drop_metrics = {"dropped": jnp.zeros((), jnp.float32),
                     "dropped_share": jnp.zeros((), jnp.float32)}
@@ -217,27 +245,53 @@ class MoE(nn.Module):
     ffn = self.experts(model_dim)
     y = self._make_engine()(tokens, plan, ffn, capacity=cap)
     if self.num_shared_experts:
-      y = y + self.shared_experts(model_dim)(tokens, dense_matmul)
-
-    weights = dict(self.loss_weights)
-    losses = {**routed.losses, "tsallis": balance.tsallis_loss(routed.probs, self.tsallis_q)}
-    aux_metrics = {**routed.metrics, **drop_metrics,
-                   **metrics.plan_metrics(plan, num_experts, num_tokens),
-                   "router_entropy": metrics.entropy(routed.probs),
-                   "router_marginal_entropy": metrics.marginal_entropy(routed.probs)}
+      y = y + self._shared(tokens)
+    losses, aux_metrics = dict(routed.losses), {**routed.metrics, **drop_metrics}
     if self.uses_erc:
       norms = self._erc_activations(ffn, deterministic)
       losses["erc"] = balance.erc_loss(norms, self.erc_form, self.erc_margin)
       aux_metrics.update(balance.diagonal_dominance(norms))
+    aux = self._aux(plan, routed.probs, losses, aux_metrics, num_tokens)
+    return y.reshape(batch, length, model_dim), aux
+
+  def _shared(self, tokens: Array) -> Array:
+    """The shared experts' output on tokens [T, D]."""
+    return self.shared_experts(tokens.shape[-1])(tokens, dense_matmul)
+
+  def _aux(self, plan: RoutingPlan, probs: Array, losses: dict[str, Array],
+           extra_metrics: dict[str, Array], num_tokens: int) -> MoEAux:
+    """Adds the Tsallis loss and the plan and router metrics, weighs the losses."""
+    losses = {**losses, "tsallis": balance.tsallis_loss(probs, self.tsallis_q)}
+    aux_metrics = {**metrics.plan_metrics(plan, self.routed_experts, num_tokens),
+                   "router_entropy": metrics.entropy(probs),
+                   "router_marginal_entropy": metrics.marginal_entropy(probs),
+                   **extra_metrics}
+    weights = self.resolved_loss_weights
     loss = sum((weights.get(k, 0.0) * v for k, v in losses.items()),
                jnp.zeros((), jnp.float32))
-    aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics, plan=plan)
-    return y.reshape(batch, length, model_dim), aux
+    return MoEAux(loss=loss, losses=losses, metrics=aux_metrics, plan=plan)
+
+  def _soft(self, x: Array, routing, deterministic: bool) -> tuple[Array, MoEAux]:
+    """Soft MoE: slots through the engine and experts (moejax.soft_moe)."""
+    del deterministic
+    batch, length, model_dim = x.shape
+    num_tokens = batch * length
+    x = x.astype(self.dtype)
+    ffn = self.experts(model_dim)
+    y = soft_moe.soft_moe(x, routing, self._make_engine(), ffn)
+    if self.num_shared_experts:
+      y = y + self._shared(x.reshape(num_tokens, model_dim)).reshape(x.shape)
+    slot_rows = batch * self.routed_experts * routing.slots_per_expert
+    zero = jnp.zeros((), jnp.float32)
+    aux = self._aux(soft_moe.summary_plan(routing), routing.probs, {},
+                    {"dropped": zero, "dropped_share": zero}, num_tokens)
+    aux.metrics["experts_per_token"] = jnp.asarray(slot_rows / num_tokens, jnp.float32)
+    return y, aux
 
   @property
   def uses_erc(self) -> bool:
     """Whether the ERC loss is computed (its weight is positive)."""
-    return dict(self.loss_weights).get("erc", 0.0) > 0
+    return self.resolved_loss_weights.get("erc", 0.0) > 0
 
   def _erc_activations(self, ffn, deterministic: bool) -> Array:
     """M [E, E]: norm of expert i's intermediate activation on router proxy j."""

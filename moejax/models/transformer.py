@@ -25,7 +25,7 @@ from flax.core import FrozenDict
 from moejax import routers, validation
 from moejax.core import RoutingContext, layer_key
 from moejax.experts import FFNWeights, dense_matmul
-from moejax.layer import DEFAULT_LOSS_WEIGHTS, MoE, MoEAux
+from moejax.layer import MoE, MoEAux
 from moejax.models.attention import CausalSelfAttention
 
 Array = jax.Array
@@ -141,7 +141,8 @@ class TransformerLM(nn.Module):
     if self.resolved_head_dim % 2:
       raise ValueError(f"model.head_dim must be even for RoPE, got {self.resolved_head_dim}")
     if self.moe is not None:
-      MoE(**self.moe, model_dim=None, parent=None)  # validates the MoE settings
+      layer = MoE(**self.moe, model_dim=None, parent=None)  # validates the MoE settings
+      routers.check_causal(layer.make_router(parent=None))  # the model is causal
     super().__post_init__()
 
   @property
@@ -157,8 +158,18 @@ class TransformerLM(nn.Module):
     if self.moe is None:
       return False
     settings = dict(self.moe.get("router_kwargs", {}))
-    weights = dict(self.moe.get("loss_weights", DEFAULT_LOSS_WEIGHTS))
+    weights = self._layer_template().resolved_loss_weights
     return settings.get("balance_scope") == "global" and weights.get("switch", 0.0) > 0
+
+  @property
+  def consistency_weight(self) -> float:
+    """THOR's consistency-loss weight of a `random` router (0 otherwise)."""
+    if self.moe is None or self.moe.get("router", "topk") != "random":
+      return 0.0
+    return float(dict(self.moe.get("router_kwargs", {})).get("consistency_weight", 0.0))
+
+  def _layer_template(self) -> MoE:
+    return MoE(**self.moe, parent=None)
 
   def setup(self):
     self.embed = nn.Embed(self.vocab_size, self.model_dim, dtype=self.dtype,

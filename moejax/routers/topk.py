@@ -52,21 +52,14 @@ import jax.numpy as jnp
 
 from moejax import balance, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, flatten_tokens, gate_kernel_columns,
+                                 router_logits)
 from moejax.routers.registry import register
 
 Array = jax.Array
 
 SCORES = ("softmax", "sigmoid")
 ORDERS = ("softmax_topk", "topk_softmax")
-
-
-def router_logits(x: Array, num_experts: int, kernel_init: Callable[..., Any],
-                  name: str) -> Array:
-  """z = x W [T, E] in float32, W with logical axes ('embed', None)."""
-  return nn.Dense(num_experts, use_bias=False, dtype=jnp.float32,
-                  param_dtype=jnp.float32, name=name,
-                  kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", None)),
-                  )(x.astype(jnp.float32))
 
 
 def group_limited_mask(scores: Array, num_groups: int, groups_selected: int,
@@ -102,10 +95,10 @@ class TopKRouter(nn.Module):
   bias_rate: float = 1e-3
   bias_update: str = "sign"
   bias_recenter: bool = False
-  kernel_init: Callable[..., Any] = nn.initializers.variance_scaling(
-      1.0, "fan_in", "truncated_normal")
+  kernel_init: Callable[..., Any] = DEFAULT_KERNEL_INIT
 
   loss_names: ClassVar[tuple[str, ...]] = ("switch", "z")
+  default_loss_weights: ClassVar[dict[str, float]] = {"switch": 1e-2, "z": 1e-3}
 
   def __post_init__(self):
     validation.positive_int("num_experts", self.num_experts)
@@ -144,8 +137,7 @@ class TopKRouter(nn.Module):
                deterministic: bool = True) -> RouterOutput:
     """x [B, L, D] (or [T, D]) -> RouterOutput with A = T * K slots."""
     ctx = RoutingContext() if ctx is None else ctx
-    batch = x.shape[0] if x.ndim == 3 else 1
-    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    x, batch = flatten_tokens(x)
     if self.jitter > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
                                  1.0 - self.jitter, 1.0 + self.jitter)
@@ -219,5 +211,4 @@ class TopKRouter(nn.Module):
 
   def expert_embeddings(self) -> Array:
     """The router's expert vectors [E, D]: columns of the gate kernel W_g."""
-    kernel = nn.meta.unbox(self.get_variable("params", "gate")["kernel"])
-    return jnp.asarray(kernel, jnp.float32).T
+    return gate_kernel_columns(self, "gate")

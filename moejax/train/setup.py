@@ -7,10 +7,12 @@ naming the field (`train.batch_size`, `moe.top_k`, ...).
 
 MoE settings: the fields of `config.moe` are MoE layer attributes, except that
 the router's own settings live in a sub-section named after the router, e.g.
-`config.moe.topk.score`; only the chosen router's section is used.
+`config.moe.topk.score`; only the chosen router's section is used. Loss weights
+left None take the chosen router's defaults (see `loss_weights`).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Any, Optional
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from moejax import routers, validation
 from moejax.data.pipeline import PipelineSpec
+from moejax.layer import LAYER_LOSSES
 from moejax.models import TransformerLM
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -65,7 +68,46 @@ def moe_settings(config) -> Optional[dict[str, Any]]:
                      f"router sections: {routers.names()}")
   kwargs["router_kwargs"] = moe.get(kwargs.get("router", "topk"), {}) or {}
   kwargs["router_kwargs"] = {k: v for k, v in kwargs["router_kwargs"].items() if v is not None}
+  if "loss_weights" in kwargs:
+    kwargs["loss_weights"] = loss_weights(kwargs.get("router", "topk"), kwargs["loss_weights"])
   return kwargs
+
+
+def router_sections(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+  """{router: ConfigDict of its settings at their defaults} for every registered
+  router, so that any of them can be chosen and tuned from the command line
+  (--config.moe.router=relu --config.moe.relu.target_sparsity=0.9)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  sections = {}
+  for name in routers.names():
+    if name in exclude:
+      continue
+    section = {}
+    for field in dataclasses.fields(routers.get(name)):
+      if field.name in ("num_experts", "top_k", "parent", "name") or callable(field.default):
+        continue
+      if field.default is None:
+        kind = float if "float" in str(field.type) else int
+        section[field.name] = config_dict.placeholder(kind)
+      else:
+        section[field.name] = field.default
+    sections[name] = ml_collections.ConfigDict(section)
+  return sections
+
+
+def loss_weights(router: str, weights: Optional[dict[str, Any]]) -> dict[str, float]:
+  """The router's default loss weights, overridden by the set (non-None) entries of
+  config.moe.loss_weights. A positive weight for a loss the router does not
+  return is an error; a zero one is ignored (the table is shared by all routers)."""
+  cls = routers.get(router)
+  known = tuple(cls.loss_names) + LAYER_LOSSES
+  chosen = {k: v for k, v in (weights or {}).items() if v is not None}
+  for name, weight in chosen.items():
+    if name not in known and weight != 0:
+      raise ValueError(f"moe.loss_weights.{name} is {weight}, but router {router!r} returns "
+                       f"no {name!r} loss; its losses: {list(known)}")
+  return {**cls.default_loss_weights, **{k: v for k, v in chosen.items() if k in known}}
 
 
 def build_model(config) -> TransformerLM:

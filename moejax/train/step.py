@@ -7,6 +7,11 @@ no token is predicted across a document boundary of a packed row:
   mask = (segment[:, 1:] == segment[:, :-1]) & (segment[:, 1:] > 0)
   loss = sum_mask CE / sum_mask 1  +  sum over MoE layers of aux.loss (weighted)
 
+Random routing with a consistency weight alpha (THOR, Zuo et al. 2021): two
+forward passes with independent routing; the CE is their mean and
+alpha * mean_mask symmetric KL of their predictions is added (logged as
+`consistency`).
+
 Gradient accumulation: the batch is cut into `num_microbatches` equal pieces
 along the batch axis and scanned; each piece contributes its CE sum divided by
 the token count of the whole batch and 1/num_microbatches of its aux loss, so the
@@ -31,6 +36,7 @@ import optax
 from moejax import metrics as load_metrics
 from moejax.analysis import joint_counts, mutual_information
 from moejax.models import TransformerLM
+from moejax.routers import consistency_loss
 from moejax.train.state import TrainState
 
 Array = jax.Array
@@ -50,7 +56,8 @@ def split_batch(batch: dict[str, Array]) -> dict[str, Array]:
 
 def _forward(model: TransformerLM, params: Any, routing: Any, rows: dict[str, Array], rng,
              deterministic: bool, data_shards: int = 1, global_counts=None):
-  """Masked per-token CE [B, L], aux per MoE layer, and the updated routing state."""
+  """Masked per-token CE [B, L], aux per MoE layer, the updated routing state and
+  the logits."""
   variables = {"params": params, **({"routing": routing} if routing else {})}
   mutable = ["routing"] if routing and not deterministic else False
   rngs = {} if deterministic else {"router": rng}
@@ -61,7 +68,7 @@ def _forward(model: TransformerLM, params: Any, routing: Any, rows: dict[str, Ar
     out, routing = out[0], out[1]["routing"]
   logits, aux = out
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
-  return jnp.where(rows["mask"], nll, 0.0), aux, routing
+  return jnp.where(rows["mask"], nll, 0.0), aux, routing, logits
 
 
 def _layer_metrics(aux: dict[str, Any]) -> dict[str, Any]:
@@ -77,14 +84,23 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
   balances each shard of a micro-batch on its own, as each device would.
   """
   two_pass = model.uses_global_balance and num_microbatches > 1
+  consistency_weight = model.consistency_weight
 
   def microbatch_loss(params, routing, rows, rng, total_tokens, global_counts):
-    nll, aux, routing = _forward(model, params, routing, rows, rng, False, data_shards,
-                                 global_counts)
+    nll, aux, routing, logits = _forward(model, params, routing, rows, rng, False,
+                                         data_shards, global_counts)
     aux_loss = sum((a.loss for a in aux.values()), jnp.zeros((), jnp.float32))
-    loss = jnp.sum(nll) / total_tokens + aux_loss / num_microbatches
+    consistency = jnp.zeros((), jnp.float32)
+    if consistency_weight > 0:
+      nll_b, _, routing, logits_b = _forward(model, params, routing, rows,
+                                             jax.random.fold_in(rng, 1), False, data_shards,
+                                             global_counts)
+      nll = 0.5 * (nll + nll_b)
+      consistency = consistency_loss(logits, logits_b, rows["mask"])
+    loss = (jnp.sum(nll) / total_tokens
+            + (aux_loss + consistency_weight * consistency) / num_microbatches)
     return loss, (routing, {"nll_sum": jnp.sum(nll), "aux_loss": aux_loss,
-                            "layers": _layer_metrics(aux)})
+                            "consistency": consistency, "layers": _layer_metrics(aux)})
 
   grad_fn = jax.grad(microbatch_loss, has_aux=True)
 
@@ -92,7 +108,7 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
     """Each layer's selection counts summed over the step's micro-batches."""
     def count(inputs):
       piece, index = inputs
-      _, aux, _ = _forward(model, state.params, state.routing, piece,
+      _, aux, _, _ = _forward(model, state.params, state.routing, piece,
                            jax.random.fold_in(rng, index), False, data_shards)
       return {k: a.metrics["selected"] for k, a in aux.items()}
     per_piece = jax.lax.map(count, (pieces, jnp.arange(num_microbatches)))
@@ -123,6 +139,8 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
       layer["step_max_violation"] = load_metrics.max_violation(step_load)
     metrics = {"loss": jnp.sum(per_piece["nll_sum"]) / total_tokens,
                "aux_loss": jnp.mean(per_piece["aux_loss"]), "tokens": total_tokens,
+               **({"consistency": jnp.mean(per_piece["consistency"])}
+                  if consistency_weight > 0 else {}),
                "grad_norm": optax.tree.norm(grads), "layers": layers}
     state = state.apply_gradients(grads, tx).replace(routing=routing)
     if routing:
@@ -141,7 +159,8 @@ def make_eval_step(model: TransformerLM, num_domains: Optional[int] = None) -> C
 
   def eval_step(state: TrainState, batch: dict[str, Array]) -> dict:
     rows = split_batch(batch)
-    nll, aux, _ = _forward(model, state.params, state.routing, rows, None, deterministic=True)
+    nll, aux, _, _ = _forward(model, state.params, state.routing, rows, None,
+                              deterministic=True)
     layers = _layer_metrics(aux)
     if num_domains and "domain" in rows:
       for name, a in aux.items():
