@@ -108,7 +108,7 @@ class ExpertChoiceRouter(nn.Module):
     weights, token = jax.lax.top_k(probs.T, cap)                     # [E, C]
     valid = jnp.ones(token.shape, bool)
     if traced is not None:
-      valid = jnp.arange(cap)[None, :] < traced
+      valid = jnp.broadcast_to(jnp.arange(cap)[None, :] < traced, token.shape)
     expert = jnp.broadcast_to(jnp.arange(self.num_experts)[:, None], token.shape)
     plan = RoutingPlan(token=token.reshape(-1).astype(jnp.int32),
                        expert=expert.reshape(-1).astype(jnp.int32),
