@@ -104,6 +104,31 @@ def test_expert_choice_capacity_from_context_static_and_traced():
     assert float(jnp.sum(jnp.where(plan.valid, 0.0, plan.weight))) == 0.0
 
 
+def test_expert_choice_never_chooses_padding():
+  # t1 is padding: expert 0 (C = 2) would take t0 and t1; it takes t0 and t2 instead.
+  # With only 2 real tokens of 3 and C = 3, each expert's third slot is invalid.
+  router, x = _identity_gate("expert_choice", [[3., 0.], [2., 0.], [1., 0.]], top_k=1,
+                             capacity_factor=4 / 3)
+  ctx = RoutingContext(segment_ids=jnp.array([[1, 0, 1]]))
+  plan = _apply(router, x, _eye_params(2), ctx)[0].plan
+  assert plan.num_slots == 2 * 2
+  np.testing.assert_array_equal(plan.token[:2], [0, 2])
+  ctx = ctx.replace(capacity=3)
+  plan = _apply(router, x, _eye_params(2), ctx)[0].plan
+  np.testing.assert_array_equal(plan.valid, [True, True, False] * 2)
+  assert float(jnp.sum(jnp.where(plan.valid, 0.0, plan.weight))) == 0.0
+
+
+def test_soft_gives_padding_no_dispatch_weight():
+  router = routers.create("soft", num_experts=2, top_k=1)
+  x = jax.random.normal(jax.random.key(0), (1, 4, 3))
+  variables = router.init(jax.random.key(1), x)
+  ctx = RoutingContext(segment_ids=jnp.array([[1, 1, 0, 2]]))
+  routing = router.apply(variables, x, ctx)
+  np.testing.assert_allclose(routing.dispatch[0, 2], 0.0, atol=1e-30)
+  np.testing.assert_allclose(jnp.sum(routing.dispatch, axis=1), 1.0, rtol=1e-6)
+
+
 def test_expert_choice_capacity_formula():
   assert expert_choice.expert_capacity(16, 2, 8, 1.0) == 4
   assert expert_choice.expert_capacity(16, 2, 8, 1.1) == 5      # ceil(4.4)
@@ -365,6 +390,10 @@ def test_hash_depends_on_the_token_id_alone():
   a = router.apply({}, jnp.zeros((64, 3)), RoutingContext(token_ids=ids_many)).plan.expert
   b = other_seed.apply({}, jnp.zeros((64, 3)), RoutingContext(token_ids=ids_many)).plan.expert
   assert float(jnp.mean((a == b).astype(jnp.float32))) < 0.5
+  # Each layer hashes differently.
+  layer_1 = router.apply({}, jnp.zeros((64, 3)),
+                         RoutingContext(token_ids=ids_many, layer=1)).plan.expert
+  assert float(jnp.mean((a == layer_1).astype(jnp.float32))) < 0.5
 
 
 def test_hash_needs_token_ids():

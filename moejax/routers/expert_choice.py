@@ -24,6 +24,8 @@ allow_noncausal=True.
 
 Chosen where the paper is open: the C tokens are chosen among all T tokens of
 the call (the batch is the routing group); ties go to the earlier token.
+Padding tokens (RoutingContext.segment_ids 0) are never chosen: where an expert
+would need them to fill C, its slots are invalid.
 Metrics: `unrouted_share` (tokens no expert took) and, from the layer,
 `experts_per_token`.
 """
@@ -105,10 +107,13 @@ class ExpertChoiceRouter(nn.Module):
     logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
     probs = jax.nn.softmax(logits, axis=-1)                          # S [T, E]
     cap, traced = self.capacity(num_tokens, ctx)
-    weights, token = jax.lax.top_k(probs.T, cap)                     # [E, C]
-    valid = jnp.ones(token.shape, bool)
+    real = (jnp.ones((num_tokens,), bool) if ctx.segment_ids is None
+            else ctx.segment_ids.reshape(-1) > 0)
+    score = jnp.where(real[:, None], probs, -1.0)                    # padding last
+    weights, token = jax.lax.top_k(score.T, cap)                     # [E, C]
+    valid = real[token]
     if traced is not None:
-      valid = jnp.broadcast_to(jnp.arange(cap)[None, :] < traced, token.shape)
+      valid = valid & (jnp.arange(cap)[None, :] < traced)
     expert = jnp.broadcast_to(jnp.arange(self.num_experts)[:, None], token.shape)
     plan = RoutingPlan(token=token.reshape(-1).astype(jnp.int32),
                        expert=expert.reshape(-1).astype(jnp.int32),

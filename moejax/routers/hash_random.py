@@ -5,9 +5,9 @@ and take the K experts with the largest scores (K distinct experts, each expert
 equally likely), with weights 1/K. They differ in what u depends on:
 
   hash    Hash layers (Roller et al. 2021, "Hash Layers For Large Sparse
-          Models"): u_te = h(token id, e, seed), a fixed integer hash, so a token
-          id goes to the same experts in every batch, position and step. Needs
-          RoutingContext.token_ids.
+          Models"): u_te = h(token id, e, layer, seed), a fixed integer hash, so
+          a token id goes to the same experts in every batch, position and step
+          (each layer with its own hash). Needs RoutingContext.token_ids.
   random  THOR (Zuo et al. 2021, "Taming Sparsely Activated Transformer with
           Stochastic Experts"): u ~ U[0, 1) drawn afresh from the `router` rng
           stream in training; with deterministic=True, drawn from the fixed key
@@ -48,11 +48,12 @@ def hash_uint32(x: Array) -> Array:
   return x ^ (x >> 16)
 
 
-def hash_scores(token_ids: Array, num_experts: int, seed: int) -> Array:
-  """u [T, E] in [0, 1): a hash of (token id, expert, seed) alone."""
+def hash_scores(token_ids: Array, num_experts: int, seed: int, layer: int = 0) -> Array:
+  """u [T, E] in [0, 1): a hash of (token id, expert, layer, seed) alone."""
   ids = token_ids.reshape(-1).astype(jnp.uint32)
   experts = jnp.arange(num_experts, dtype=jnp.uint32)
-  key = hash_uint32(hash_uint32(ids[:, None] ^ jnp.uint32(seed)) + experts[None, :])
+  salt = hash_uint32(jnp.uint32(seed) * jnp.uint32(0x9E3779B9) + jnp.uint32(layer))
+  key = hash_uint32(hash_uint32(ids[:, None] ^ salt) + experts[None, :])
   return (key >> 8).astype(jnp.float32) / float(1 << 24)
 
 
@@ -110,7 +111,8 @@ class HashRouter(_UniformRouter):
     if ctx.token_ids.size != tokens.shape[0]:
       raise ValueError(f"RoutingContext.token_ids has {ctx.token_ids.size} ids for "
                        f"{tokens.shape[0]} tokens")
-    return self._output(hash_scores(ctx.token_ids, self.num_experts, self.seed))
+    layer = 0 if ctx.layer is None else ctx.layer
+    return self._output(hash_scores(ctx.token_ids, self.num_experts, self.seed, layer))
 
 
 @register("random")

@@ -17,8 +17,10 @@ layer runs the slots through its engine and experts (moejax.soft_moe).
 This router returns a SoftRouting, not a RouterOutput: Soft MoE has no list of
 token-to-expert assignments. Not causal: a slot mixes every token of the
 sequence, so token t's output depends on later tokens; a causal model needs
-allow_noncausal=True. Chosen where the paper is open: no normalisation of x and
-Phi (the paper's l2 normalisation with a learned scale matters at large D).
+allow_noncausal=True. Padding tokens (RoutingContext.segment_ids 0) get no
+dispatch weight; documents packed into one row do share its slots. Chosen where
+the paper is open: no normalisation of x and Phi (the paper's l2 normalisation
+with a learned scale matters at large D).
 """
 from __future__ import annotations
 
@@ -95,13 +97,17 @@ class SoftRouter(nn.Module):
   def __call__(self, x: Array, ctx: Optional[RoutingContext] = None,
                deterministic: bool = True) -> SoftRouting:
     """x [B, L, D] -> SoftRouting over E * S slots per sequence."""
-    del ctx, deterministic
+    del deterministic
     if x.ndim != 3:
       raise ValueError(f"router 'soft' needs x [B, L, D], got shape {x.shape}")
     phi = self.param("phi", nn.with_logical_partitioning(self.kernel_init, ("embed", None)),
                      (x.shape[-1], self.num_experts * self.slots(x.shape[1])), jnp.float32)
     phi = jnp.asarray(phi, jnp.float32)
     logits = jnp.einsum("bld,dn->bln", x.astype(jnp.float32), phi)
-    return SoftRouting(dispatch=jax.nn.softmax(logits, axis=1),
+    dispatch_logits = logits
+    if ctx is not None and ctx.segment_ids is not None:
+      real = (ctx.segment_ids > 0)[..., None]
+      dispatch_logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+    return SoftRouting(dispatch=jax.nn.softmax(dispatch_logits, axis=1),
                        combine=jax.nn.softmax(logits, axis=-1), logits=logits,
                        slots_per_expert=phi.shape[1] // self.num_experts)
