@@ -129,6 +129,32 @@ def scoped_switch_loss(probs: Array, expert_index: Array, num_experts: int,
   return jnp.mean(per_group(probs, expert_index, mask))
 
 
+def router_switch_loss(probs: Array, expert_index: Array, batch: int, scope: str, ctx,
+                       mask: Optional[Array] = None) -> tuple[Array, Array]:
+  """A router's switch loss at `scope` over its selections, and its counts.
+
+  Args:
+    probs: float[T, E], the router distribution of a call over `batch` rows.
+    expert_index: int[T, K], the selections.
+    batch: B, rows of the call (T = B * L).
+    scope: `sequence`, `microbatch` or `global`.
+    ctx: the RoutingContext: `data_shards` groups the `microbatch` scope, and
+      `global_counts[ctx.layer_key]` holds the step's counts for `global`
+      (without them, this call's counts are the step's: one micro-batch).
+    mask: optional bool[T, K], the selections that count (variable-K routers).
+
+  Returns:
+    (switch loss, float32[E] selection counts of this call).
+  """
+  num_experts = probs.shape[-1]
+  counts = selection_counts(expert_index, num_experts, mask)
+  rows = lambda a: None if a is None else a.reshape(batch, -1, *a.shape[1:])
+  switch = scoped_switch_loss(
+      rows(probs), rows(expert_index), num_experts, mask=rows(mask), scope=scope,
+      groups=ctx.data_shards, global_counts=(ctx.global_counts or {}).get(ctx.layer_key, counts))
+  return switch, counts
+
+
 def z_loss(logits: Array) -> Array:
   """Router z-loss, mean_t (logsumexp_e z_te)^2, float32 scalar."""
   lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)

@@ -1,13 +1,18 @@
-"""What routers share: the gate projection, the causality check, slot helpers.
+"""What routers share: the gate projection, token flattening, the causality check.
 
 Every router is a linen module `router(x [B, L, D], ctx, deterministic)` with
-fields `num_experts` and `top_k` and these class-level declarations:
+fields `num_experts` and `top_k`, returning a RouterOutput (Soft MoE: a
+SoftRouting), and declares:
 
   loss_names            the losses it returns (unweighted)
   default_loss_weights  their weights when the layer is given none
   is_causal             False when a token's routing depends on other tokens of
-                        the batch (then the router has `allow_noncausal`)
+                        the batch; such a router has `allow_noncausal` and a
+                        `noncausal_reason`
   uses_rng              True when it draws from the `router` rng stream in training
+
+and optionally `update_state()` (after each optimizer step, on its `routing`
+collection) and `expert_embeddings()` ([E, D] expert vectors, for the ERC loss).
 """
 from __future__ import annotations
 

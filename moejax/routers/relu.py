@@ -132,13 +132,8 @@ class ReLURouter(nn.Module):
       seen.value = seen.value + jnp.stack([num_active, float(num_tokens * self.num_experts)])
 
     probs = g / jnp.maximum(jnp.sum(g, axis=-1, keepdims=True), 1e-9)
-    counts = balance.selection_counts(expert_index, self.num_experts, keep)
-    switch = balance.scoped_switch_loss(
-        probs.reshape(batch, -1, self.num_experts),
-        expert_index.reshape(batch, -1, self.top_k), self.num_experts,
-        mask=keep.reshape(batch, -1, self.top_k), scope=self.balance_scope,
-        groups=ctx.data_shards,
-        global_counts=(ctx.global_counts or {}).get(ctx.layer_key, counts))
+    switch, counts = balance.router_switch_loss(probs, expert_index, batch,
+                                                self.balance_scope, ctx, keep)
     losses = {"sparsity": coef.value * jnp.mean(jnp.sum(g, axis=-1)), "switch": switch,
               "z": balance.z_loss(logits)}
     length = shape[1] if len(shape) == 3 else num_tokens

@@ -154,12 +154,8 @@ class _SinkhornBase(nn.Module):
 
     if self.normalize:
       weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
-    counts = balance.selection_counts(expert_index, self.num_experts)
-    switch = balance.scoped_switch_loss(
-        probs.reshape(batch, -1, self.num_experts),
-        expert_index.reshape(batch, -1, self.top_k), self.num_experts,
-        scope=self.balance_scope, groups=ctx.data_shards,
-        global_counts=(ctx.global_counts or {}).get(ctx.layer_key, counts))
+    switch, counts = balance.router_switch_loss(probs, expert_index, batch,
+                                                self.balance_scope, ctx)
     return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights), logits=logits,
                         probs=probs, losses={"switch": switch, "z": balance.z_loss(logits)},
                         metrics={"selected": counts, **metrics})

@@ -18,7 +18,6 @@ Metrics: `experts_per_token` (from the layer, per layer) and `capped_share`.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, ClassVar, Optional
 
 import flax.linen as nn
@@ -83,13 +82,8 @@ class TopPRouter(nn.Module):
     weights = jnp.where(keep, top, 0.0)
     if self.normalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    counts = balance.selection_counts(expert_index, self.num_experts, keep)
-    switch = balance.scoped_switch_loss(
-        probs.reshape(batch, -1, self.num_experts),
-        expert_index.reshape(batch, -1, self.top_k), self.num_experts,
-        mask=keep.reshape(batch, -1, self.top_k), scope=self.balance_scope,
-        groups=ctx.data_shards,
-        global_counts=(ctx.global_counts or {}).get(ctx.layer_key, counts))
+    switch, counts = balance.router_switch_loss(probs, expert_index, batch,
+                                                self.balance_scope, ctx, keep)
     losses = {"switch": switch, "z": balance.z_loss(logits),
               "entropy": metrics.entropy(probs)}
     return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights, keep),

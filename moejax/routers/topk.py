@@ -180,19 +180,13 @@ class TopKRouter(nn.Module):
       weights = jnp.take_along_axis(scores, expert_index, axis=-1)
     weights = weights * self.scale
 
-    counts = balance.selection_counts(expert_index, self.num_experts)
+    switch, counts = balance.router_switch_loss(probs, expert_index, batch,
+                                                self.balance_scope, ctx)
     if self.aux_free:
       accumulated = self.variable("routing", "counts", jnp.zeros, (self.num_experts,),
                                   jnp.float32)
       if self.is_mutable_collection("routing") and not self.is_initializing():
         accumulated.value = accumulated.value + counts
-
-    # Without the step's counts (one micro-batch), this call's counts are the step's.
-    step_counts = (ctx.global_counts or {}).get(ctx.layer_key, counts)
-    switch = balance.scoped_switch_loss(
-        probs.reshape(batch, -1, self.num_experts),
-        expert_index.reshape(batch, -1, self.top_k), self.num_experts,
-        scope=self.balance_scope, groups=ctx.data_shards, global_counts=step_counts)
     losses = {"switch": switch, "z": balance.z_loss(logits)}
     return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights),
                         logits=logits, probs=probs, losses=losses,
