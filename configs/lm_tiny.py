@@ -3,6 +3,13 @@
   python -m moejax.main --config=configs/lm_tiny.py --workdir=/tmp/lm_tiny
   python -m moejax.main --config=configs/lm_tiny.py --workdir=/tmp/lm_tiny \\
       --config.moe.num_experts=16 --config.moe.topk.score=sigmoid
+  python -m moejax.main --config=configs/lm_tiny.py --workdir=/tmp/lm_top_p \
+      --config.moe.router=top_p --config.moe.top_k=4 --config.moe.top_p.threshold=0.4
+
+Every registered router has a section `config.moe.<router>` with its settings at
+their defaults; loss weights left None take the chosen router's defaults. Routers
+that are not causal (expert_choice, sinkhorn, selective_sinkhorn, soft) stop at
+start-up in this causal LM unless --config.moe.<router>.allow_noncausal=True.
 
 Model: 2 blocks, D = 128, 4 heads, every FFN an MoE of E = 8 SwiGLU experts of
 width F = 256 with top-2 softmax routing (active FFN width 512, as `dense_tiny`).
