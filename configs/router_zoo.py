@@ -42,10 +42,7 @@ Expected on a 2-core CPU at 600 steps (experiments/router_zoo.py, stdlib_text,
 whole validation split): FILLED IN AFTER THE RUN. Full table:
 experiments/results/router_zoo.md.
 """
-import ml_collections
-
 from moejax import routers
-from moejax.train import setup
 
 # Per router: {setting: value} for config.moe.<router>, then moe-level overrides.
 ROUTER_SETTINGS = {
@@ -65,7 +62,9 @@ TOP_K = {"top_p": 4, "null_experts": 4, "relu": 4}   # K_max; 2 otherwise
 NO_SWITCH = ("sinkhorn", "selective_sinkhorn")
 
 
-def get_config(router: str = "topk") -> ml_collections.ConfigDict:
+def get_config(router: str = "topk"):
+  """lm_tiny's ConfigDict with `router` at top-2 compute (see the module docstring)."""
+  from moejax.train import setup  # pylint: disable=g-import-not-at-top
   if router not in routers.names():
     raise ValueError(f"router must be one of {routers.names()}, got {router!r}")
   config = setup.config_from_file("lm_tiny.py", sibling_of=__file__)
