@@ -231,7 +231,7 @@ class MoE(nn.Module):
       routers.check_causal(self.router_module)
     routed = self.router_module(x, ctx, deterministic=deterministic)
     if isinstance(routed, routers.SoftRouting):
-      return self._soft(x, routed, deterministic)
+      return self._soft(x, routed)
     plan, cap = routed.plan, None
     drop_metrics = {"dropped": jnp.zeros((), jnp.float32),
                     "dropped_share": jnp.zeros((), jnp.float32)}
@@ -260,7 +260,8 @@ class MoE(nn.Module):
 
   def _aux(self, plan: RoutingPlan, probs: Array, losses: dict[str, Array],
            extra_metrics: dict[str, Array], num_tokens: int) -> MoEAux:
-    """Adds the Tsallis loss and the plan and router metrics, weighs the losses."""
+    """Adds the Tsallis loss and the plan and router metrics (extra_metrics win
+    over the plan's), weighs the losses."""
     losses = {**losses, "tsallis": balance.tsallis_loss(probs, self.tsallis_q)}
     aux_metrics = {**metrics.plan_metrics(plan, self.routed_experts, num_tokens),
                    "router_entropy": metrics.entropy(probs),
@@ -271,9 +272,8 @@ class MoE(nn.Module):
                jnp.zeros((), jnp.float32))
     return MoEAux(loss=loss, losses=losses, metrics=aux_metrics, plan=plan)
 
-  def _soft(self, x: Array, routing, deterministic: bool) -> tuple[Array, MoEAux]:
+  def _soft(self, x: Array, routing) -> tuple[Array, MoEAux]:
     """Soft MoE: slots through the engine and experts (moejax.soft_moe)."""
-    del deterministic
     batch, length, model_dim = x.shape
     num_tokens = batch * length
     x = x.astype(self.dtype)
@@ -283,10 +283,9 @@ class MoE(nn.Module):
       y = y + self._shared(x.reshape(num_tokens, model_dim)).reshape(x.shape)
     slot_rows = batch * self.routed_experts * routing.slots_per_expert
     zero = jnp.zeros((), jnp.float32)
-    aux = self._aux(soft_moe.summary_plan(routing), routing.probs, {},
-                    {"dropped": zero, "dropped_share": zero}, num_tokens)
-    aux.metrics["experts_per_token"] = jnp.asarray(slot_rows / num_tokens, jnp.float32)
-    return y, aux
+    extra = {"dropped": zero, "dropped_share": zero,
+             "experts_per_token": jnp.asarray(slot_rows / num_tokens, jnp.float32)}
+    return y, self._aux(soft_moe.summary_plan(routing), routing.probs, {}, extra, num_tokens)
 
   @property
   def uses_erc(self) -> bool:
