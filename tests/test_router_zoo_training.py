@@ -100,12 +100,11 @@ def test_router_zoo_configs_validate(router):
 
 def test_unset_loss_weights_take_the_router_defaults():
   config = _zoo("relu")
-  assert setup.moe_settings(config)["loss_weights"] == {"sparsity": 1.0, "switch": 1e-2,
-                                                        "z": 1e-3}
+  assert setup.moe_settings(config)["loss_weights"] == {"sparsity": 1.0, "switch": 1e-2}
   config.moe.loss_weights.switch = 0.0
   config.moe.loss_weights.tsallis = 0.5
   assert setup.moe_settings(config)["loss_weights"] == {"sparsity": 1.0, "switch": 0.0,
-                                                        "z": 1e-3, "tsallis": 0.5}
+                                                        "tsallis": 0.5}
   # The table is shared by all routers: a zero weight for a loss this router lacks is
   # ignored, a positive one is an error naming the field.
   config = _zoo("hash")

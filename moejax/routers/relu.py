@@ -20,8 +20,11 @@ Sparsity is driven by ReMoE's adaptive L1 penalty, loss `sparsity`:
 
 s the step's token-level sparsity (share of inactive experts per token). lambda
 and the step's counts live in the `routing` collection; update_state() applies
-the rule (rate = 1 keeps lambda fixed). `switch` balances the active slots
-with probs g / sum_e g.
+the rule (rate = 1 keeps lambda fixed). `switch` balances the active slots;
+its P, and `probs` for the metrics, is softmax(z), the distribution whose order
+the gates follow. Chosen so because g / sum_e g is zero for a token with no
+open gate, which would reward closing every gate; for the same reason the router
+has no z-loss, whose optimum (logsumexp z = 0) puts every logit below zero.
 
 Metrics: `token_sparsity` (share of the E experts inactive per token, after the
 cap), `chunk_sparsity` (share of (chunk, expert) pairs with the expert inactive on
@@ -79,9 +82,8 @@ class ReLURouter(nn.Module):
   balance_scope: str = "microbatch"
   kernel_init: Callable[..., Any] = DEFAULT_KERNEL_INIT
 
-  loss_names: ClassVar[tuple[str, ...]] = ("sparsity", "switch", "z")
-  default_loss_weights: ClassVar[dict[str, float]] = {"sparsity": 1.0, "switch": 1e-2,
-                                                      "z": 1e-3}
+  loss_names: ClassVar[tuple[str, ...]] = ("sparsity", "switch")
+  default_loss_weights: ClassVar[dict[str, float]] = {"sparsity": 1.0, "switch": 1e-2}
 
   def __post_init__(self):
     validation.positive_int("num_experts", self.num_experts)
@@ -131,11 +133,10 @@ class ReLURouter(nn.Module):
     if self.is_mutable_collection("routing") and not self.is_initializing():
       seen.value = seen.value + jnp.stack([num_active, float(num_tokens * self.num_experts)])
 
-    probs = g / jnp.maximum(jnp.sum(g, axis=-1, keepdims=True), 1e-9)
+    probs = jax.nn.softmax(logits, axis=-1)
     switch, counts = balance.router_switch_loss(probs, expert_index, batch,
                                                 self.balance_scope, ctx, keep)
-    losses = {"sparsity": coef.value * jnp.mean(jnp.sum(g, axis=-1)), "switch": switch,
-              "z": balance.z_loss(logits)}
+    losses = {"sparsity": coef.value * jnp.mean(jnp.sum(g, axis=-1)), "switch": switch}
     length = shape[1] if len(shape) == 3 else num_tokens
     metrics = {"selected": counts, "token_sparsity": token_sparsity,
                "chunk_sparsity": chunk_sparsity(
