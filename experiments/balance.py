@@ -43,6 +43,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from report_file import write_keeping_reading  # noqa: E402  (experiments/)
+
 METHODS = ("none", "switch_microbatch", "switch_global", "switch_sequence", "aux_free",
            "aux_free_sequence", "erc")
 DATASETS = ("synthetic_domains", "stdlib_text")
@@ -126,7 +128,6 @@ def run(method: str, dataset: str, seed: int, args) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 # Report.
 
-READING = "## Reading"
 
 COLUMNS = (("loss", "val loss", 4), ("bits_per_byte", "bits/byte", 4),
            ("max_violation_micro", "MaxVio micro", 3), ("max_violation_step", "MaxVio step", 3),
@@ -239,14 +240,7 @@ def write_report(path: str, results, args, datasets, methods) -> None:
             "\"matched the loss\" means the aux-free mean loss is at most the switch loss's "
             "plus the larger seed-to-seed spread of the two (at least 0.005).", "",
             *verdicts(results, datasets), ""]
-  reading = ""
-  if os.path.exists(path):   # a hand-written reading of the numbers survives reruns
-    with open(path, encoding="utf-8") as f:
-      old = f.read()
-    if READING in old:
-      reading = old[old.index(READING):]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + ("\n" + reading if reading else ""))
+  write_keeping_reading(path, lines)
 
 
 def main() -> None:

@@ -39,6 +39,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from report_file import write_keeping_reading  # noqa: E402  (experiments/)
+
 FULL_VALIDATION = 100_000   # more batches than the split has: evaluate all of it
 # "No worse" tolerance, nats: the seed-to-seed spread of switch_microbatch (the topk
 # baseline's balancing) on stdlib_text in experiments/results/balance.md.
@@ -148,7 +150,6 @@ def run(router: str, seed: int, args) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 # Report.
 
-READING = "## Reading"
 
 
 def mean(results, router, key, sub=None):
@@ -262,14 +263,7 @@ def write_report(path: str, results, args, names) -> None:
       "experiments/results/balance.md (2.0300 vs 1.9999); \"lower\" means below topk's "
       f"by more than {TOLERANCE}. One seed per router unless stated above.", "",
       *[f"- {claim}" for claim in CLAIMS], ""]
-  reading = ""
-  if os.path.exists(path):   # a hand-written reading survives reruns
-    with open(path, encoding="utf-8") as f:
-      old = f.read()
-    if READING in old:
-      reading = old[old.index(READING):]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + ("\n" + reading if reading else ""))
+  write_keeping_reading(path, lines)
 
 
 def write_plot(path: str, results, names) -> None:

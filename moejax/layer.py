@@ -230,7 +230,7 @@ class MoE(nn.Module):
     if ctx.causal:
       routers.check_causal(self.router_module)
     routed = self.router_module(x, ctx, deterministic=deterministic)
-    if isinstance(routed, routers.SoftRouting):
+    if getattr(self.router_module, "mixes_tokens", False):   # Soft MoE: a SoftRouting
       return self._soft(x, routed)
     plan, cap = routed.plan, None
     drop_metrics = {"dropped": jnp.zeros((), jnp.float32),

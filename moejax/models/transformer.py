@@ -141,8 +141,7 @@ class TransformerLM(nn.Module):
     if self.resolved_head_dim % 2:
       raise ValueError(f"model.head_dim must be even for RoPE, got {self.resolved_head_dim}")
     if self.moe is not None:
-      layer = MoE(**self.moe, model_dim=None, parent=None)  # validates the MoE settings
-      routers.check_causal(layer.make_router(parent=None))  # the model is causal
+      routers.check_causal(self._router_template())  # validates the MoE; the model is causal
     super().__post_init__()
 
   @property
@@ -157,19 +156,21 @@ class TransformerLM(nn.Module):
     """Whether a router balances over the whole step (needs RoutingContext.global_counts)."""
     if self.moe is None:
       return False
-    settings = dict(self.moe.get("router_kwargs", {}))
-    weights = self._layer_template().resolved_loss_weights
-    return settings.get("balance_scope") == "global" and weights.get("switch", 0.0) > 0
+    weights = MoE(**self.moe, parent=None).resolved_loss_weights
+    return (getattr(self._router_template(), "balance_scope", None) == "global"
+            and weights.get("switch", 0.0) > 0)
 
   @property
   def consistency_weight(self) -> float:
-    """THOR's consistency-loss weight of a `random` router (0 otherwise)."""
-    if self.moe is None or self.moe.get("router", "topk") != "random":
+    """Weight of THOR's consistency loss between two forward passes: the router's
+    `consistency_weight` (random routing), else 0."""
+    if self.moe is None:
       return 0.0
-    return float(dict(self.moe.get("router_kwargs", {})).get("consistency_weight", 0.0))
+    return float(getattr(self._router_template(), "consistency_weight", 0.0))
 
-  def _layer_template(self) -> MoE:
-    return MoE(**self.moe, parent=None)
+  def _router_template(self) -> nn.Module:
+    """The MoE layers' router, unbound (validates the MoE settings)."""
+    return MoE(**self.moe, model_dim=None, parent=None).make_router(parent=None)
 
   def setup(self):
     self.embed = nn.Embed(self.vocab_size, self.model_dim, dtype=self.dtype,

@@ -16,15 +16,28 @@ collection) and `expert_embeddings()` ([E, D] expert vectors, for the ERC loss).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax import validation
+
 Array = jax.Array
 
 DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def check_experts(num_experts: int, top_k: int, choosable: Optional[int] = None,
+                  choosable_name: str = "num_experts") -> None:
+  """num_experts and top_k positive integers, top_k at most the `choosable`
+  experts (default num_experts; None for routers that may pick more, e.g. expert
+  choice). Errors name the field."""
+  validation.positive_int("num_experts", num_experts)
+  validation.positive_int("top_k", top_k)
+  if choosable is not None and top_k > choosable:
+    raise ValueError(f"top_k ({top_k}) must be <= {choosable_name} ({choosable})")
 
 
 def router_logits(x: Array, num_experts: int, kernel_init: Callable[..., Any],

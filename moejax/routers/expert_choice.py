@@ -38,10 +38,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax import balance, validation
+from moejax import balance, capacity, grouping, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import (DEFAULT_KERNEL_INIT, flatten_tokens, gate_kernel_columns,
-                                 router_logits)
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, check_experts, flatten_tokens,
+                                 gate_kernel_columns, router_logits)
 from moejax.routers.registry import register
 
 Array = jax.Array
@@ -49,14 +49,13 @@ Array = jax.Array
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int,
                     capacity_factor: float) -> int:
-  """C = ceil(cf * T * K / E), between 1 and T."""
-  exact = float(f"{capacity_factor * num_tokens * top_k / num_experts:.9g}")
-  return int(min(max(1, math.ceil(exact)), num_tokens))
+  """C = capacity.capacity (ceil(cf * T * K / E), at least 1), at most T."""
+  return min(capacity.capacity(num_tokens, top_k, num_experts, capacity_factor), num_tokens)
 
 
 def unrouted_share(plan: RoutingPlan, num_tokens: int) -> Array:
   """Share of the T tokens that no valid slot reads."""
-  hits = jnp.zeros((num_tokens,), jnp.int32).at[plan.token].add(plan.valid.astype(jnp.int32))
+  hits = grouping.expert_counts(plan.token, plan.valid, num_tokens)   # slots per token
   return jnp.mean((hits == 0).astype(jnp.float32))
 
 
@@ -78,8 +77,7 @@ class ExpertChoiceRouter(nn.Module):
                                      "of the batch.")
 
   def __post_init__(self):
-    validation.positive_int("num_experts", self.num_experts)
-    validation.positive_int("top_k", self.top_k)
+    check_experts(self.num_experts, self.top_k)
     validation.in_range("capacity_factor", self.capacity_factor, 0, math.inf, low_open=True)
     if self.max_capacity is not None:
       validation.positive_int("max_capacity", self.max_capacity)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from moejax import validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import flatten_tokens
+from moejax.routers.base import check_experts, flatten_tokens
 from moejax.routers.registry import register
 
 Array = jax.Array
@@ -86,10 +86,7 @@ class _UniformRouter(nn.Module):
   default_loss_weights: ClassVar[dict[str, float]] = {}
 
   def __post_init__(self):
-    validation.positive_int("num_experts", self.num_experts)
-    validation.positive_int("top_k", self.top_k)
-    if self.top_k > self.num_experts:
-      raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+    check_experts(self.num_experts, self.top_k, self.num_experts)
     validation.positive_int("seed", self.seed, minimum=0)
     super().__post_init__()
 

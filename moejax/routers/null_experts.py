@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from moejax import validation
 from moejax.core import RouterOutput, RoutingContext
+from moejax.routers.base import check_experts
 from moejax.routers.registry import register
 from moejax.routers.topk import TopKRouter
 
@@ -47,12 +48,9 @@ class NullExpertsRouter(nn.Module):
   default_loss_weights: ClassVar[dict[str, float]] = TopKRouter.default_loss_weights
 
   def __post_init__(self):
-    validation.positive_int("num_experts", self.num_experts)
     validation.positive_int("num_null", self.num_null)
-    validation.positive_int("top_k", self.top_k)
-    if self.top_k > self.num_experts + self.num_null:
-      raise ValueError(f"top_k ({self.top_k}) must be <= num_experts + num_null "
-                       f"({self.num_experts + self.num_null})")
+    check_experts(self.num_experts, self.top_k, self.num_experts + self.num_null,
+                  "num_experts + num_null")
     if self.reference_k is not None:
       validation.positive_int("reference_k", self.reference_k)
     super().__post_init__()

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 
 from moejax import balance, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import (DEFAULT_KERNEL_INIT, flatten_tokens, gate_kernel_columns,
-                                 router_logits)
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, check_experts, flatten_tokens,
+                                 gate_kernel_columns, router_logits)
 from moejax.routers.registry import register
 
 Array = jax.Array
@@ -86,11 +86,7 @@ class ReLURouter(nn.Module):
   default_loss_weights: ClassVar[dict[str, float]] = {"sparsity": 1.0, "switch": 1e-2}
 
   def __post_init__(self):
-    validation.positive_int("num_experts", self.num_experts)
-    validation.positive_int("top_k", self.top_k)
-    if self.top_k > self.num_experts:
-      raise ValueError(f"top_k (K_max, {self.top_k}) must be <= num_experts "
-                       f"({self.num_experts})")
+    check_experts(self.num_experts, self.top_k, self.num_experts)
     validation.one_of("order", self.order, ORDERS)
     validation.in_range("target_sparsity", self.target_sparsity, 0, 1, high_open=True)
     validation.in_range("l1_init", self.l1_init, 0, math.inf)

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 
 from moejax import balance, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import (DEFAULT_KERNEL_INIT, flatten_tokens, gate_kernel_columns,
-                                 router_logits)
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, check_experts, flatten_tokens,
+                                 gate_kernel_columns, router_logits)
 from moejax.routers.registry import register
 
 Array = jax.Array
@@ -99,10 +99,7 @@ class _SinkhornBase(nn.Module):
   gates_from_plan: ClassVar[bool] = False
 
   def __post_init__(self):
-    validation.positive_int("num_experts", self.num_experts)
-    validation.positive_int("top_k", self.top_k)
-    if self.top_k > self.num_experts:
-      raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+    check_experts(self.num_experts, self.top_k, self.num_experts)
     validation.positive_int("iterations", self.iterations)
     validation.in_range("epsilon", self.epsilon, 0, math.inf, low_open=True)
     validation.in_range("fraction", self.fraction, 0, 1)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from moejax import validation
 from moejax.core import RoutingContext
-from moejax.routers.base import DEFAULT_KERNEL_INIT
+from moejax.routers.base import DEFAULT_KERNEL_INIT, check_experts
 from moejax.routers.registry import register
 
 Array = jax.Array
@@ -81,8 +81,7 @@ class SoftRouter(nn.Module):
   noncausal_reason: ClassVar[str] = "each slot is a weighted mix of every token of the sequence."
 
   def __post_init__(self):
-    validation.positive_int("num_experts", self.num_experts)
-    validation.positive_int("top_k", self.top_k)
+    check_experts(self.num_experts, self.top_k)
     if self.slots_per_expert is not None:
       validation.positive_int("slots_per_expert", self.slots_per_expert)
     super().__post_init__()

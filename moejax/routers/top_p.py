@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from moejax import balance, metrics, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import (DEFAULT_KERNEL_INIT, flatten_tokens, gate_kernel_columns,
-                                 router_logits)
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, check_experts, flatten_tokens,
+                                 gate_kernel_columns, router_logits)
 from moejax.routers.registry import register
 
 Array = jax.Array
@@ -59,11 +59,7 @@ class TopPRouter(nn.Module):
                                                       "entropy": 1e-4}
 
   def __post_init__(self):
-    validation.positive_int("num_experts", self.num_experts)
-    validation.positive_int("top_k", self.top_k)
-    if self.top_k > self.num_experts:
-      raise ValueError(f"top_k (K_max, {self.top_k}) must be <= num_experts "
-                       f"({self.num_experts})")
+    check_experts(self.num_experts, self.top_k, self.num_experts)
     validation.in_range("threshold", self.threshold, 0, 1, low_open=True)
     validation.one_of("balance_scope", self.balance_scope, balance.SCOPES)
     super().__post_init__()

@@ -52,8 +52,8 @@ import jax.numpy as jnp
 
 from moejax import balance, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import (DEFAULT_KERNEL_INIT, flatten_tokens, gate_kernel_columns,
-                                 router_logits)
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, check_experts, flatten_tokens,
+                                 gate_kernel_columns, router_logits)
 from moejax.routers.registry import register
 
 Array = jax.Array
@@ -101,10 +101,7 @@ class TopKRouter(nn.Module):
   default_loss_weights: ClassVar[dict[str, float]] = {"switch": 1e-2, "z": 1e-3}
 
   def __post_init__(self):
-    validation.positive_int("num_experts", self.num_experts)
-    validation.positive_int("top_k", self.top_k)
-    if self.top_k > self.num_experts:
-      raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+    check_experts(self.num_experts, self.top_k, self.num_experts)
     validation.one_of("score", self.score, SCORES)
     validation.one_of("order", self.order, ORDERS)
     if self.score == "sigmoid" and self.order == "topk_softmax":
