@@ -78,6 +78,24 @@ class RoutingPlan:
     return cls(token=token, expert=expert_index.reshape(-1).astype(jnp.int32),
                weight=weight, valid=valid)
 
+  def to_token_major(self, num_tokens: int, per_token: int) -> "RoutingPlan":
+    """The same assignments laid out token-major: slot t * per_token + k holds
+    token t's (k+1)-th valid assignment (in slot order); A' = T * per_token.
+
+    Slots past a token's `per_token` valid assignments are invalid; a token with
+    more valid assignments than `per_token` would lose them, so callers pass a
+    bound that holds (e.g. E when each (token, expert) pair is unique).
+    """
+    from moejax import grouping  # pylint: disable=g-import-not-at-top
+    rank = grouping.choice_rank(self.token, self.valid, num_tokens)
+    size = num_tokens * per_token
+    index = jnp.where(self.valid & (rank < per_token), self.token * per_token + rank, size)
+    def place(values, fill):
+      return jnp.full((size + 1,), fill, values.dtype).at[index].set(values)[:size]
+    token = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), per_token)
+    return RoutingPlan(token=token, expert=place(self.expert, 0),
+                       weight=place(self.weight, 0.0), valid=place(self.valid, False))
+
   def masked(self, keep: Array) -> "RoutingPlan":
     """The same plan with slots where `keep` is False made invalid."""
     valid = self.valid & keep

@@ -10,8 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import dispatch
 from moejax.core import RoutingPlan
-from moejax.parallel import make_mesh
-from moejax.parallel.expert_parallel import expert_parallel_apply
+from moejax.parallel import ExpertParallel, expert_parallel_apply, make_mesh
 from tests.helpers import assert_trees_close, random_ffn
 
 T, D, F, E, K = 64, 8, 6, 8, 2
@@ -28,13 +27,13 @@ def _inputs(seed=0, skew=False):
   return x, jnp.asarray(experts, jnp.int32), weights, ffn
 
 
-def _ep(mesh, capacity):
-  engine = dispatch.create("sorted", backend="ragged_dot")
+def _ep(mesh, settings, backend="xla"):
+  engine = dispatch.create("sorted", backend=backend, block_size=8)
 
   def device(x, experts, weights, ffn):
     plan = RoutingPlan.from_topk(experts, weights)
-    y, dropped = expert_parallel_apply(x, plan, ffn, engine, capacity)
-    return y, jax.lax.psum(dropped, ("data", "expert"))
+    y, stats = expert_parallel_apply(x, plan, ffn, engine, settings)
+    return y, jax.lax.psum(stats.dropped, ("data", "expert"))
 
   def run(x, experts, weights, ffn):
     return jax.shard_map(device, mesh=mesh, in_specs=(TOKENS, TOKENS, TOKENS, P("expert")),
@@ -54,13 +53,21 @@ def _objective(run):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
+SETTINGS = {
+    "fixed": ExpertParallel(transport="fixed"),
+    "ragged": ExpertParallel(transport="ragged"),
+    "all_gather": ExpertParallel(dispatch="all_gather"),
+    "llep": ExpertParallel(transport="fixed", llep=True, llep_threshold=1.0),
+}
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (4, 2, 1)])
-def test_expert_parallel_equals_one_device(shape):
+@pytest.mark.parametrize("mode", sorted(SETTINGS))
+def test_expert_parallel_equals_one_device(shape, mode):
   data, expert, model = shape
   mesh = make_mesh(data, expert, model)
-  x, experts, weights, ffn = _inputs()
-  capacity = T // (data * expert) * K          # a device's every slot fits anywhere
-  run = _ep(mesh, capacity)
+  x, experts, weights, ffn = _inputs(skew=mode == "llep")
+  run = _ep(mesh, SETTINGS[mode])
   y, dropped = jax.jit(run)(x, experts, weights, ffn)
   want = _reference(x, experts, weights, ffn)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
@@ -73,8 +80,9 @@ def test_expert_parallel_equals_one_device(shape):
 def test_fixed_capacity_overflow_is_counted_exactly():
   mesh = make_mesh(2, 4, 1)
   x, experts, weights, ffn = _inputs(seed=1, skew=True)
-  capacity = 3
-  y, dropped = jax.jit(_ep(mesh, capacity))(x, experts, weights, ffn)
+  capacity = 3     # per destination: C = ceil(cf * A_l / n) = ceil(3/4 * 16 / 4) = 3
+  settings = ExpertParallel(transport="fixed", capacity_factor=0.75)
+  y, dropped = jax.jit(_ep(mesh, settings))(x, experts, weights, ffn)
   # By hand: each of the 8 token shards (8 tokens, in mesh order) sends to expert
   # device e // 2 of its own data row; overflow is max(0, slots - C) per destination.
   e = np.asarray(experts).reshape(8, 8 * K) // (E // 4)

@@ -29,6 +29,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.varying import cotangent, vary_like
+
 Array = jax.Array
 F32 = jnp.float32
 
@@ -53,6 +55,12 @@ def _for_each_tile(padded_sizes: Array, block_size: int,
     return visit_group(e, tiled, carry)
 
   return jax.lax.fori_loop(0, padded_sizes.shape[0], one_group, carry)
+
+
+def _zeros(shape, dtype, *operands: Array) -> Array:
+  """Zeros for a loop carry, varying over the mesh axes of `operands` (a
+  shard_map loop carry must keep the type of the body's result)."""
+  return vary_like(jnp.zeros(shape, dtype), *operands)
 
 
 def _read_rows(x: Array, index: Array) -> Array:
@@ -97,7 +105,7 @@ def gather_gmm(x: Array, row_index: Array, rhs: Array, padded_sizes: Array,
       return _put_tile(out, _dot(rows, w), row)
     return tiled(visit, out)
 
-  out = jnp.zeros((row_index.shape[0], rhs.shape[2]), x.dtype)
+  out = _zeros((row_index.shape[0], rhs.shape[2]), x.dtype, x, row_index, rhs, padded_sizes)
   return _for_each_tile(padded_sizes, block_size, visit_group, out)
 
 
@@ -119,12 +127,13 @@ def _gather_gmm_bwd(block_size, residuals, grad):
       g = _tile(grad, row, size)
       d_x = d_x.at[index].add(_dot(g, w_t), mode="drop")
       return d_x, acc + _dot(_read_rows(x, index).T, g)
-    d_x, acc = tiled(visit, (d_x, jnp.zeros(rhs.shape[1:], F32)))
+    d_x, acc = tiled(visit, (d_x, _zeros(rhs.shape[1:], F32, *operands)))
     return d_x, d_rhs.at[e].set(acc.astype(d_rhs.dtype))
 
-  init = (jnp.zeros(x.shape, F32), jnp.zeros(rhs.shape, rhs.dtype))
+  operands = (x, row_index, rhs, padded_sizes, grad)
+  init = (_zeros(x.shape, F32, *operands), _zeros(rhs.shape, rhs.dtype, *operands))
   d_x, d_rhs = _for_each_tile(padded_sizes, block_size, visit_group, init)
-  return d_x.astype(x.dtype), None, d_rhs, None
+  return cotangent(d_x.astype(x.dtype), x), None, cotangent(d_rhs, rhs), None
 
 
 gather_gmm.defvjp(_gather_gmm_fwd, _gather_gmm_bwd)
@@ -147,7 +156,7 @@ def gmm_scatter(h: Array, rhs: Array, padded_sizes: Array, row_index: Array,
       return y.at[_tile(row_index, row, size)].add(out * scale[:, None], mode="drop")
     return tiled(visit, y)
 
-  y = jnp.zeros((num_out, rhs.shape[2]), F32)
+  y = _zeros((num_out, rhs.shape[2]), F32, h, rhs, padded_sizes, row_index, weight)
   return _for_each_tile(padded_sizes, block_size, visit_group, y).astype(h.dtype)
 
 
@@ -174,13 +183,15 @@ def _gmm_scatter_bwd(num_out, block_size, residuals, grad):
       d_weight = _put_tile(d_weight, jnp.sum(g_w * h_tile.astype(F32), axis=-1), row)
       acc = acc + _dot(h_tile.T, g.astype(F32) * scale)
       return d_h, d_weight, acc
-    d_h, d_weight, acc = tiled(visit, (d_h, d_weight, jnp.zeros(rhs.shape[1:], F32)))
+    d_h, d_weight, acc = tiled(visit, (d_h, d_weight, _zeros(rhs.shape[1:], F32, *operands)))
     return d_h, d_rhs.at[e].set(acc.astype(d_rhs.dtype)), d_weight
 
-  init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(rhs.shape, rhs.dtype),
-          jnp.zeros(weight.shape, F32))
+  operands = (h, rhs, padded_sizes, row_index, weight, grad)
+  init = (_zeros(h.shape, h.dtype, *operands), _zeros(rhs.shape, rhs.dtype, *operands),
+          _zeros(weight.shape, F32, *operands))
   d_h, d_rhs, d_weight = _for_each_tile(padded_sizes, block_size, visit_group, init)
-  return d_h, d_rhs, None, None, d_weight.astype(weight.dtype)
+  return (cotangent(d_h, h), cotangent(d_rhs, rhs), None, None,
+          cotangent(d_weight.astype(weight.dtype), weight))
 
 
 gmm_scatter.defvjp(_gmm_scatter_fwd, _gmm_scatter_bwd)

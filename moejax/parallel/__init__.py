@@ -2,10 +2,16 @@
 
 Parameters and activations carry logical axis names; LOGICAL_RULES maps them to
 the mesh axes ('data', 'expert', 'model'). A 1-device mesh is the default, so the
-same code runs on one CPU and on a pod.
+same code runs on one CPU and on a pod. The MoE layer runs its experts
+expert-parallel when given `expert_parallel=ExpertParallel(...)` and a mesh in
+context (jax.set_mesh).
 """
-from moejax.parallel.expert_parallel import expert_parallel_apply
+from moejax.parallel.config import ExpertParallel
+from moejax.parallel.expert_parallel import (Stats, all_gather_apply, all_to_all_apply,
+                                             expert_parallel_apply)
 from moejax.parallel.mesh import LOGICAL_RULES, MESH_AXES, make_mesh, param_shardings
+from moejax.parallel.sharded import sharded_experts
 
-__all__ = ["LOGICAL_RULES", "MESH_AXES", "expert_parallel_apply", "make_mesh",
-           "param_shardings"]
+__all__ = ["ExpertParallel", "LOGICAL_RULES", "MESH_AXES", "Stats", "all_gather_apply",
+           "all_to_all_apply", "expert_parallel_apply", "make_mesh", "param_shardings",
+           "sharded_experts"]

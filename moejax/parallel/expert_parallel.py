@@ -1,79 +1,160 @@
-"""Expert parallelism: experts sharded over a mesh axis, token rows exchanged with
-all_to_all at a fixed capacity per destination (GShard 2020; the fixed-capacity
-scheme of Switch and MaxText).
+"""Expert parallelism: one device's part of the MoE FFN, inside shard_map.
 
-Runs inside shard_map, per device. With n devices on the expert axis, each holds
-E_local = E / n experts (global expert e lives on device e // E_local) and its own
-shard of the tokens, x [T_local, D], with a plan over them (global expert ids):
+With n devices on the expert axis, each holds E_l = E / n experts (global expert
+e lives on device e // E_l) and its own shard of the tokens x [T_l, D] with a
+plan over them (token ids local, expert ids global).
 
-  1. each valid slot goes to device d = expert // E_local, at position p = its rank
-     among the slots for d; slots with p >= C overflow: made invalid and counted
-  2. send buffer [n, C, D] (row x[token]), local expert ids and validity alongside
-  3. all_to_all over the axis: row [s, c] now holds source s's c-th row for us
-  4. the local experts run on the n * C received rows (any engine, grouped by
-     local expert)
-  5. the reverse all_to_all returns each row's output to its source
-  6. y[t] = sum over t's kept slots of weight * output
+all_to_all_apply (GShard 2020; LLEP 2026 with `spill`):
+  1. each valid slot gets a destination: its expert's device, or with LLEP the
+     device the spill plan gives its rank among the expert's rows
+  2. rows travel there (exchange.fixed_exchange or ragged_exchange)
+  3. the device runs them through its experts (and LLEP guests) with any engine
+  4. outputs travel back; y[t] = sum over t's kept slots of weight * output
 
-Nothing is dropped silently: `dropped` counts the overflowing assignments.
-The engine must run under shard_map's varying-axis checks: `einsum` and `sorted`
-with the `ragged_dot` backend do; the `xla` backend's loop carries are not yet
-typed as varying over the mesh axes.
+all_gather_apply (dropless):
+  1. all_gather the axis' tokens and plans
+  2. run this device's experts on every assignment to them
+  3. reduce-scatter the weighted sums back to the token shards
+
+Each returns y [T_l, D] and Stats. Nothing is dropped silently: `dropped`
+counts the assignments that did not fit.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax import grouping
+from moejax import balance, grouping
 from moejax.core import RoutingPlan
 from moejax.experts import ExpertFFN
+from moejax.parallel import exchange, llep
+from moejax.parallel.config import ExpertParallel
 
 Array = jax.Array
 
 
-def expert_parallel_apply(x: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
-                          capacity: int, axis_name: str = "expert") -> tuple[Array, Array]:
-  """One device's part of an expert-parallel MoE FFN (call inside shard_map).
+class Stats(flax.struct.PyTreeNode):
+  """Per device.
+
+  Attributes:
+    dropped: assignments of this device's tokens that did not fit.
+    rows: valid rows this device ran through its experts.
+    spilled: rows of this device's tokens that LLEP sent away from home.
+  """
+
+  dropped: Array
+  rows: Array
+  spilled: Array
+
+
+def _rows_through_experts(received: exchange.Received, ffn: ExpertFFN, engine) -> Array:
+  slots = received.rows.shape[0]
+  plan = RoutingPlan(token=jnp.arange(slots, dtype=jnp.int32), expert=received.expert,
+                     weight=jnp.ones((slots,), jnp.float32), valid=received.valid)
+  return engine(received.rows, plan, ffn)
+
+
+def group_rank(expert: Array, valid: Array, counts: Array, axis_name: str) -> Array:
+  """int32[A]: rank of each valid slot among all rows of its expert over the
+  axis (sources in axis order, then slot order). `counts` [E] are this
+  device's."""
+  num_experts = counts.shape[0]
+  table = jax.lax.all_gather(counts, axis_name)                    # [n, E]
+  before = (jnp.cumsum(table, axis=0) - table)[jax.lax.axis_index(axis_name)]
+  local = grouping.position_in_expert(expert, valid, num_experts)
+  return before[jnp.where(valid, expert, 0)] + local
+
+
+def buffer_sizes(settings: ExpertParallel, num_slots: int, num_devices: int) -> int:
+  """Fixed: capacity per destination. Ragged: receive buffer rows."""
+  cf = settings.capacity_factor
+  if resolved_transport(settings) == "fixed":
+    return num_slots if cf is None else max(1, math.ceil(cf * num_slots / num_devices))
+  if cf is not None:
+    return max(1, math.ceil(cf * num_slots))
+  if settings.llep:      # LLEP bounds every device's rows by ceil(alpha M) + m - 1 <= this
+    return math.ceil(settings.llep_alpha * num_slots) + settings.llep_min_chunk
+  return num_devices * num_slots
+
+
+def resolved_transport(settings: ExpertParallel) -> str:
+  if settings.transport == "auto":
+    return "ragged" if exchange.has_ragged_all_to_all() else "fixed"
+  return settings.transport
+
+
+def all_to_all_apply(x: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
+                     settings: ExpertParallel, axis_name: str = "expert",
+                     spill: Optional[llep.SpillPlan] = None) -> tuple[Array, Stats]:
+  """One device's part of all_to_all expert parallelism (call inside shard_map).
 
   Args:
-    x: [T_local, D], this device's tokens.
+    x: [T_l, D], this device's tokens.
     plan: assignments of those tokens (token ids local, expert ids global).
-    ffn: this device's experts, weights [E_local, ...].
-    engine: executes the received rows (e.g. dispatch.create("sorted")).
-    capacity: C, rows this device may send to each device of the axis.
+    ffn: this device's experts, weights [E_l, ...].
+    engine: runs the received rows (e.g. dispatch.create("sorted")).
+    settings: transport, capacity and LLEP settings.
     axis_name: the mesh axis the experts are sharded over.
-
-  Returns:
-    y [T_local, D] and `dropped`, this device's count of overflowing assignments.
+    spill: a given LLEP plan; None computes it from the global counts when
+      settings.llep, else plain EP.
   """
   num_devices = jax.lax.axis_size(axis_name)
-  num_tokens, model_dim = x.shape
   local_experts = ffn.num_experts
+  num_experts = local_experts * num_devices
   dest = plan.expert // local_experts
-  position = grouping.position_in_expert(dest, plan.valid, num_devices)
-  keep = plan.valid & (position < capacity)
-  dropped = jnp.sum(plan.valid) - jnp.sum(keep)
+  local_expert = plan.expert % local_experts
+  spilled = jnp.zeros((), jnp.float32)
+  if settings.llep or spill is not None:
+    counts = grouping.expert_counts(plan.expert, plan.valid, num_experts).astype(jnp.int32)
+    if spill is None:
+      spill = llep.least_loaded_plan(
+          balance.psum_counts(counts, (axis_name,)).astype(jnp.int32), num_devices,
+          threshold=settings.llep_threshold, alpha=settings.llep_alpha,
+          min_chunk=settings.llep_min_chunk, guest_slots=settings.llep_guest_slots)
+    rank = group_rank(plan.expert, plan.valid, counts, axis_name)
+    dest, local_expert = llep.slot_destinations(spill, plan.expert, rank)
+    spilled = jnp.sum(plan.valid & (dest != plan.expert // local_experts)).astype(jnp.float32)
+    ffn = llep.with_guests(ffn, spill, axis_name)
+  size = buffer_sizes(settings, plan.num_slots, num_devices)
+  move = (exchange.ragged_exchange if resolved_transport(settings) == "ragged"
+          else exchange.fixed_exchange)
+  received = move(x, plan.token, dest, local_expert, plan.valid, size, axis_name)
+  out = received.give_back(_rows_through_experts(received, ffn, engine))
+  weight = jnp.where(received.kept, plan.weight, 0.0).astype(jnp.float32)
+  y = jax.ops.segment_sum(out.astype(jnp.float32) * weight[:, None], plan.token,
+                          num_segments=x.shape[0])
+  stats = Stats(dropped=(jnp.sum(plan.valid) - jnp.sum(received.kept)).astype(jnp.float32),
+                rows=jnp.sum(received.valid).astype(jnp.float32), spilled=spilled)
+  return y.astype(x.dtype), stats
 
-  slots = num_devices * capacity
-  flat = jnp.where(keep, dest * capacity + position, slots)           # overflow: dummy row
 
-  def to_buffer(values, fill):
-    buffer = jnp.full((slots + 1,) + values.shape[1:], fill, values.dtype)
-    return buffer.at[flat].set(values)[:slots].reshape(
-        (num_devices, capacity) + values.shape[1:])
+def all_gather_apply(x: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
+                     axis_name: str = "expert") -> tuple[Array, Stats]:
+  """One device's part of dropless all-gather expert parallelism (inside shard_map)."""
+  num_devices = jax.lax.axis_size(axis_name)
+  me = jax.lax.axis_index(axis_name)
+  num_tokens = x.shape[0]
+  gather = lambda a: jax.lax.all_gather(a, axis_name, tiled=True)
+  source = jnp.repeat(jnp.arange(num_devices, dtype=jnp.int32), plan.num_slots)
+  expert = gather(plan.expert)
+  valid = gather(plan.valid) & (expert // ffn.num_experts == me)
+  mine = RoutingPlan(token=gather(plan.token) + source * num_tokens,
+                     expert=expert % ffn.num_experts,
+                     weight=jnp.where(valid, gather(plan.weight), 0.0), valid=valid)
+  y_all = engine(gather(x), mine, ffn)                               # [n T_l, D]
+  y = jax.lax.psum_scatter(y_all, axis_name, scatter_dimension=0, tiled=True)
+  zero = jnp.zeros((), jnp.float32)
+  return y, Stats(dropped=zero, rows=jnp.sum(valid).astype(jnp.float32), spilled=zero)
 
-  exchange = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
-  rows = exchange(to_buffer(x[plan.token], 0))
-  row_expert = exchange(to_buffer(plan.expert % local_experts, 0))
-  row_valid = exchange(to_buffer(keep, False))
-  row_plan = RoutingPlan(token=jnp.arange(slots, dtype=jnp.int32),
-                         expert=row_expert.reshape(-1).astype(jnp.int32),
-                         weight=jnp.ones((slots,), jnp.float32),
-                         valid=row_valid.reshape(-1))
-  out = engine(rows.reshape(slots, model_dim), row_plan, ffn)
-  back = exchange(out.reshape(num_devices, capacity, model_dim)).reshape(slots, model_dim)
-  weight = jnp.where(keep, plan.weight, 0.0).astype(jnp.float32)
-  contrib = back[jnp.minimum(flat, slots - 1)].astype(jnp.float32) * weight[:, None]
-  y = jax.ops.segment_sum(contrib, plan.token, num_segments=num_tokens)
-  return y.astype(x.dtype), dropped.astype(jnp.float32)
+
+def expert_parallel_apply(x: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
+                          settings: ExpertParallel,
+                          axis_name: str = "expert") -> tuple[Array, Stats]:
+  """all_to_all_apply or all_gather_apply, as settings.dispatch says."""
+  if settings.dispatch == "all_gather":
+    return all_gather_apply(x, plan, ffn, engine, axis_name)
+  return all_to_all_apply(x, plan, ffn, engine, settings, axis_name)

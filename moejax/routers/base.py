@@ -10,6 +10,10 @@ SoftRouting), and declares:
                         the batch; such a router has `allow_noncausal` and a
                         `noncausal_reason`
   uses_rng              True when it draws from the `router` rng stream in training
+  plan_layout           `token_major` (default: slot a belongs to token a // (A/T),
+                        as RoutingPlan.from_topk lays it out) or `expert_major`
+                        (expert choice: slots grouped by expert); expert
+                        parallelism shards token-major plans by token
 
 and optionally `update_state()` (after each optimizer step, on its `routing`
 collection) and `expert_embeddings()` ([E, D] expert vectors, for the ERC loss).

@@ -73,6 +73,7 @@ class ExpertChoiceRouter(nn.Module):
   loss_names: ClassVar[tuple[str, ...]] = ("z",)
   default_loss_weights: ClassVar[dict[str, float]] = {"z": 1e-3}
   is_causal: ClassVar[bool] = False
+  plan_layout: ClassVar[str] = "expert_major"
   noncausal_reason: ClassVar[str] = ("each expert picks its top-C tokens among all tokens "
                                      "of the batch.")
 

@@ -1,0 +1,102 @@
+"""The MoE layer's experts run expert-parallel over the mesh in context.
+
+  with jax.set_mesh(make_mesh(data=2, expert=4)):
+    y, aux = jax.jit(layer.apply)(variables, x)     # layer.expert_parallel set
+
+`sharded_experts` is what the layer calls in place of its engine: it shards the
+tokens [T, D] and a token-major plan over ('data', 'expert'), the expert weights
+over 'expert' (and their hidden axis F over 'model'), and runs
+expert_parallel_apply under shard_map. Each data row of the mesh is one
+expert-parallel group; a `model` axis splits F and sums the partial outputs.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax import balance, grouping
+from moejax.core import RoutingPlan
+from moejax.experts import ExpertFFN
+from moejax.parallel.config import ExpertParallel
+from moejax.parallel.expert_parallel import expert_parallel_apply
+
+Array = jax.Array
+TOKEN_AXES = ("data", "expert")
+
+
+def context_mesh():
+  """The mesh set by jax.set_mesh, with axes checked; errors name the setting."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(TOKEN_AXES + ("model",)) <= set(mesh.axis_names):
+    raise ValueError("MoE.expert_parallel needs a mesh with axes ('data', 'expert', "
+                     "'model') in context: run under jax.set_mesh(moejax.parallel."
+                     f"make_mesh(...)); the mesh in context has axes {mesh.axis_names}")
+  return mesh
+
+
+def check_sizes(mesh, num_tokens: int, num_experts: int, hidden_dim: int) -> None:
+  """Experts divisible by the expert axis, tokens by data * expert, F by model."""
+  n, shards, model = mesh.shape["expert"], mesh.shape["data"] * mesh.shape["expert"], \
+      mesh.shape["model"]
+  if num_experts % n:
+    raise ValueError(f"num_experts ({num_experts} routed experts) must be divisible by "
+                     f"mesh.expert ({n}) for expert parallelism")
+  if num_tokens % shards:
+    raise ValueError(f"tokens per call B*L = {num_tokens} must be divisible by mesh.data * "
+                     f"mesh.expert = {shards} for expert parallelism")
+  if hidden_dim % model:
+    raise ValueError(f"expert hidden_dim ({hidden_dim}) must be divisible by mesh.model "
+                     f"({model})")
+
+
+def _weight_spec(name: str) -> P:
+  return P("expert", "model", None) if name == "wo" else P("expert", None, "model")
+
+
+def sharded_experts(tokens: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
+                    settings: ExpertParallel, token_major: bool = True
+                    ) -> tuple[Array, dict[str, Array]]:
+  """tokens [T, D] and a plan over them -> (y [T, D], metrics).
+
+  Args:
+    tokens: the layer's tokens.
+    plan: the routing plan (global token and expert ids).
+    ffn: all experts, weights [E, ...] (sharded over 'expert' by the rules).
+    engine: the engine each device runs its rows with.
+    settings: ExpertParallel.
+    token_major: whether slot a belongs to token a // (A / T); other plans
+      (expert choice) are first laid out token-major, E slots per token.
+
+  Returns:
+    y and metrics: `ep_dropped` (assignments that did not fit), `ep_device_rows`
+    [n] (rows each expert device ran, summed over data rows), `ep_load_ratio`
+    (max over mean of those), `ep_spilled` (rows LLEP moved), `global_load` [E]
+    (valid assignments per expert over the whole mesh, one psum).
+  """
+  mesh = context_mesh()
+  num_tokens = tokens.shape[0]
+  num_experts = ffn.num_experts
+  check_sizes(mesh, num_tokens, num_experts, ffn.weights["wo"].shape[1])
+  if not token_major:
+    plan = plan.to_token_major(num_tokens, num_experts)
+  weight_specs = ffn.replace(weights={k: _weight_spec(k) for k in ffn.weights})
+
+  def device(x, plan, ffn):
+    local = plan.replace(token=plan.token % x.shape[0])
+    y, stats = expert_parallel_apply(x, local, ffn, engine, settings)
+    y = jax.lax.psum(y.astype(jnp.float32), "model").astype(x.dtype)
+    counts = grouping.expert_counts(plan.expert, plan.valid, num_experts)
+    rows = jax.lax.psum(jax.lax.all_gather(stats.rows, "expert"), "data")
+    spread = jax.lax.psum(jnp.stack([stats.dropped, stats.spilled]), TOKEN_AXES)
+    return y, {"ep_dropped": spread[0], "ep_spilled": spread[1], "ep_device_rows": rows,
+               "global_load": balance.psum_counts(counts, TOKEN_AXES)}
+
+  metric_specs = {k: P() for k in ("ep_dropped", "ep_spilled", "ep_device_rows",
+                                   "global_load")}
+  y, metrics = jax.shard_map(
+      device, mesh=mesh, in_specs=(P(TOKEN_AXES), P(TOKEN_AXES), weight_specs),
+      out_specs=(P(TOKEN_AXES), metric_specs))(tokens, plan, ffn)
+  rows = metrics["ep_device_rows"]
+  metrics["ep_load_ratio"] = jnp.max(rows) / jnp.maximum(jnp.mean(rows), 1e-9)
+  return y, metrics
