@@ -30,6 +30,11 @@ slots, runs the slots through the same engine and experts (moejax.soft_moe) and
 combines; `aux.plan` then holds each token's expert of largest combine mass, for
 analysis, and `experts_per_token` the slot rows per token (its compute).
 
+Expert parallelism: with `expert_parallel` set (a parallel.ExpertParallel) and a
+mesh in context (jax.set_mesh), the experts run sharded over the mesh's `expert`
+axis (moejax.parallel.sharded_experts); routing and its losses are unchanged, and
+the metrics gain `ep_dropped`, `ep_spilled`, `ep_device_rows` and `ep_load_ratio`.
+
 A router that looks at other tokens of the batch (expert choice, Sinkhorn in
 training, Soft MoE) raises in a causal model (RoutingContext.causal) unless its
 allow_noncausal is set (routers.check_causal).
@@ -48,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from moejax import balance, capacity, dispatch, metrics, routers, soft_moe, validation
+from moejax import balance, capacity, dispatch, metrics, parallel, routers, soft_moe, validation
 from moejax.core import RoutingContext, RoutingPlan
 from moejax.experts import FFNWeights, dense_matmul
 
@@ -108,6 +113,9 @@ class MoE(nn.Module):
     dtype: activation and expert compute dtype; routers always use float32.
     param_dtype: parameter dtype.
     deterministic: no training noise; may also be passed at call time.
+    expert_parallel: None (experts on every device, sharded by the compiler) or
+      a parallel.ExpertParallel: all_to_all or all_gather over the mesh in
+      context.
   """
 
   num_experts: int
@@ -133,6 +141,7 @@ class MoE(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   deterministic: Optional[bool] = None
+  expert_parallel: Optional[parallel.ExpertParallel] = None
 
   def __post_init__(self):
     validation.positive_int("num_experts", self.num_experts)
@@ -169,6 +178,13 @@ class MoE(nn.Module):
     if getattr(router, "mixes_tokens", False) and self.capacity_factor is not None:
       raise ValueError(f"capacity_factor must be None for router {self.router!r}: Soft MoE "
                        f"has a fixed number of slots and drops nothing")
+    if self.expert_parallel is not None:
+      if not isinstance(self.expert_parallel, parallel.ExpertParallel):
+        raise TypeError("expert_parallel must be None or a moejax.parallel.ExpertParallel, "
+                        f"got {self.expert_parallel!r}")
+      if getattr(router, "mixes_tokens", False):
+        raise ValueError(f"expert_parallel is not supported for router {self.router!r}: "
+                         "Soft MoE mixes tokens into slots; set expert_parallel=None")
     FFNWeights(self.expert_hidden_dim, self.routed_experts, self.expert_type,
                self.activation, parent=None)
     super().__post_init__()
@@ -243,7 +259,14 @@ class MoE(nn.Module):
 
     tokens = x.reshape(num_tokens, model_dim).astype(self.dtype)
     ffn = self.experts(model_dim)
-    y = self._make_engine()(tokens, plan, ffn, capacity=cap)
+    if self.expert_parallel is None:
+      y = self._make_engine()(tokens, plan, ffn, capacity=cap)
+    else:
+      y, ep_metrics = parallel.sharded_experts(
+          tokens, plan, ffn, self._make_engine(), self.expert_parallel,
+          token_major=getattr(self.router_module, "plan_layout", "token_major")
+          == "token_major")
+      drop_metrics = {**drop_metrics, **ep_metrics}
     if self.num_shared_experts:
       y = y + self._shared(tokens)
     losses, aux_metrics = dict(routed.losses), {**routed.metrics, **drop_metrics}

@@ -61,9 +61,13 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (4, 2, 1)])
-@pytest.mark.parametrize("mode", sorted(SETTINGS))
-def test_expert_parallel_equals_one_device(shape, mode):
+CASES = ([("fixed", shape) for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (4, 2, 1)]]
+         + [(mode, (2, 4, 1)) for mode in ("ragged", "all_gather", "llep")]
+         + [("all_gather", (1, 8, 1))])
+
+
+@pytest.mark.parametrize("mode,shape", CASES)
+def test_expert_parallel_equals_one_device(mode, shape):
   data, expert, model = shape
   mesh = make_mesh(data, expert, model)
   x, experts, weights, ffn = _inputs(skew=mode == "llep")
@@ -98,4 +102,29 @@ def test_fixed_capacity_overflow_is_counted_exactly():
       idx = np.nonzero(np.asarray(dest[s]) == d)[0]
       rank[s, idx] = np.arange(len(idx))
   kept = plan.masked(jnp.asarray(rank.reshape(-1) < capacity))
+  np.testing.assert_allclose(y, dispatch.create("loop")(x, kept, ffn), rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_overflow_is_counted_exactly():
+  # Receive buffer R = ceil(cf * A_l) = ceil(0.75 * 16) = 12 rows per device; the
+  # sources of a data row fill a destination's buffer in source order.
+  mesh = make_mesh(2, 4, 1)
+  x, experts, weights, ffn = _inputs(seed=1, skew=True)
+  settings = ExpertParallel(transport="ragged", capacity_factor=0.75)
+  y, dropped = jax.jit(_ep(mesh, settings))(x, experts, weights, ffn)
+  receive = 12
+  plan = RoutingPlan.from_topk(experts, weights)
+  dest = np.asarray(plan.expert // (E // 4)).reshape(8, -1)            # [source, slot]
+  keep = np.zeros(dest.shape, bool)
+  for row in range(2):
+    for d in range(4):
+      filled = 0
+      for s in range(4 * row, 4 * row + 4):
+        idx = np.nonzero(dest[s] == d)[0]
+        fits = max(0, min(len(idx), receive - filled))
+        keep[s, idx[:fits]] = True
+        filled += len(idx)
+  want = int((~keep).sum())
+  assert want > 0 and float(dropped) == want
+  kept = plan.masked(jnp.asarray(keep.reshape(-1)))
   np.testing.assert_allclose(y, dispatch.create("loop")(x, kept, ffn), rtol=1e-5, atol=1e-5)

@@ -76,8 +76,6 @@ def buffer_sizes(settings: ExpertParallel, num_slots: int, num_devices: int) -> 
     return num_slots if cf is None else max(1, math.ceil(cf * num_slots / num_devices))
   if cf is not None:
     return max(1, math.ceil(cf * num_slots))
-  if settings.llep:      # LLEP bounds every device's rows by ceil(alpha M) + m - 1 <= this
-    return math.ceil(settings.llep_alpha * num_slots) + settings.llep_min_chunk
   return num_devices * num_slots
 
 

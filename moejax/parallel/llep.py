@@ -10,14 +10,15 @@ L_d = sum_{h(e)=d} c_e and their mean M = sum_e c_e / n.
   capacity  a device takes at most ceil(alpha * M) rows
   least-loaded assignment, experts in decreasing c_e:
             e's rows go home first, up to the home device's room; the rest is
-            spilled, chunk by chunk, to the least-loaded device that has room
-            for at least min(m, rest) rows and a free guest slot, together with
-            e's weights; a remainder below m stays home (no transfer for it).
+            spilled, chunk by chunk, to the least-loaded device with room for
+            at least m rows and a free guest slot, together with e's weights;
+            a remainder below m stays home (no transfer is worth it).
 
 Rows keep their global order inside an expert: the first rows of e (by source
 device, then slot order) run at home, the next on the first helper, and so on.
-The bound: every device ends at most ceil(alpha * M) + m - 1 rows, unless guest
-slots (G per device) run out, in which case the remainder stays home.
+Every spilled chunk has at least m rows, and a device never takes guest rows
+past ceil(alpha * M). What cannot be spilled stays home, so with m = 1 and
+enough guest slots (G per device) every device ends at most ceil(alpha * M).
 
 Static shapes: an expert is split into at most S = n pieces, a device hosts at
 most G guests, and the helpers' weights travel by one all_to_all of [n, G]
@@ -88,15 +89,14 @@ def least_loaded_plan(counts: Array, num_devices: int, *, threshold: float, alph
     rows, h = counts[e], home[e]
     load = plan.device_load
     stay = jnp.clip(cap - load[h], 0, rows)
-    stay = jnp.where(rows - stay < min_chunk, rows, stay)        # too small to move
     load = load.at[h].add(stay)
     rest = rows - stay
     piece_device, piece_rows = plan.piece_device, plan.piece_rows.at[e, 0].set(stay)
     piece_slot, guest_expert = plan.piece_slot, plan.guest_expert
     used = jnp.sum(guest_expert >= 0, axis=1)
     for p in range(1, pieces):
-      need = jnp.minimum(min_chunk, rest)
-      eligible = (devices != h) & (used < guest_slots) & (cap - load >= need) & (rest > 0)
+      eligible = ((devices != h) & (used < guest_slots) & (cap - load >= min_chunk)
+                  & (rest >= min_chunk))
       d = jnp.argmin(jnp.where(eligible, load, big)).astype(jnp.int32)
       go = eligible[d]
       chunk = jnp.where(go, jnp.minimum(rest, cap - load[d]), 0)
@@ -109,7 +109,7 @@ def least_loaded_plan(counts: Array, num_devices: int, *, threshold: float, alph
       used = used.at[d].add(go.astype(jnp.int32))
       load = load.at[d].add(chunk)
       rest = rest - chunk
-    piece_rows = piece_rows.at[e, 0].add(rest)                    # nowhere to go: home
+    piece_rows = piece_rows.at[e, 0].add(rest)            # below m, or nowhere to go: home
     load = load.at[h].add(rest)
     return plan.replace(piece_device=piece_device, piece_rows=piece_rows,
                         piece_slot=piece_slot, guest_expert=guest_expert, device_load=load)

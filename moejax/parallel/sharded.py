@@ -87,16 +87,15 @@ def sharded_experts(tokens: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
     y, stats = expert_parallel_apply(x, local, ffn, engine, settings)
     y = jax.lax.psum(y.astype(jnp.float32), "model").astype(x.dtype)
     counts = grouping.expert_counts(plan.expert, plan.valid, num_experts)
-    rows = jax.lax.psum(jax.lax.all_gather(stats.rows, "expert"), "data")
+    me = jax.nn.one_hot(jax.lax.axis_index("expert"), mesh.shape["expert"])
+    rows = jax.lax.psum(me * stats.rows, TOKEN_AXES)
     spread = jax.lax.psum(jnp.stack([stats.dropped, stats.spilled]), TOKEN_AXES)
-    return y, {"ep_dropped": spread[0], "ep_spilled": spread[1], "ep_device_rows": rows,
-               "global_load": balance.psum_counts(counts, TOKEN_AXES)}
+    return y, (spread[0], spread[1], rows, balance.psum_counts(counts, TOKEN_AXES))
 
-  metric_specs = {k: P() for k in ("ep_dropped", "ep_spilled", "ep_device_rows",
-                                   "global_load")}
-  y, metrics = jax.shard_map(
+  y, values = jax.shard_map(
       device, mesh=mesh, in_specs=(P(TOKEN_AXES), P(TOKEN_AXES), weight_specs),
-      out_specs=(P(TOKEN_AXES), metric_specs))(tokens, plan, ffn)
+      out_specs=(P(TOKEN_AXES), (P(),) * 4))(tokens, plan, ffn)
+  metrics = dict(zip(("ep_dropped", "ep_spilled", "ep_device_rows", "global_load"), values))
   rows = metrics["ep_device_rows"]
   metrics["ep_load_ratio"] = jnp.max(rows) / jnp.maximum(jnp.mean(rows), 1e-9)
   return y, metrics
