@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
       erc_noise=0.1,
       erc_form="ce",
       erc_margin=0.5,
+      # Expert parallelism over mesh.expert (moejax.parallel.ExpertParallel):
+      # dispatch none | all_to_all | all_gather.
+      expert_parallel=setup.expert_parallel_section(),
       topk=ml_collections.ConfigDict(dict(
           score="softmax",
           order="softmax_topk",

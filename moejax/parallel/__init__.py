@@ -9,9 +9,10 @@ context (jax.set_mesh).
 from moejax.parallel.config import ExpertParallel
 from moejax.parallel.expert_parallel import (Stats, all_gather_apply, all_to_all_apply,
                                              expert_parallel_apply)
-from moejax.parallel.mesh import LOGICAL_RULES, MESH_AXES, make_mesh, param_shardings
+from moejax.parallel.mesh import (BATCH_AXES, LOGICAL_RULES, MESH_AXES, make_mesh,
+                                  param_shardings)
 from moejax.parallel.sharded import sharded_experts
 
-__all__ = ["ExpertParallel", "LOGICAL_RULES", "MESH_AXES", "Stats", "all_gather_apply",
+__all__ = ["BATCH_AXES", "ExpertParallel", "LOGICAL_RULES", "MESH_AXES", "Stats", "all_gather_apply",
            "all_to_all_apply", "expert_parallel_apply", "make_mesh", "param_shardings",
            "sharded_experts"]

@@ -1,5 +1,9 @@
 """Device mesh from axis sizes, and the logical-axis rules of moejax.
 
+The batch is split over ('data', 'expert'): devices that hold different experts
+also hold different tokens, so attention and the dense layers are data-parallel
+over both axes, and expert parallelism exchanges tokens along 'expert'.
+
   mesh = make_mesh(data=2, expert=4)          # 8 devices
   shardings = param_shardings(abstract_variables, mesh)
 """
@@ -15,9 +19,10 @@ from jax.sharding import Mesh
 from moejax import validation
 
 MESH_AXES = ("data", "expert", "model")
+BATCH_AXES = ("data", "expert")
 
 LOGICAL_RULES = (
-    ("batch", "data"),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("embed", None),
     ("expert", "expert"),

@@ -20,15 +20,15 @@ from moejax.core import RoutingPlan
 from moejax.experts import ExpertFFN
 from moejax.parallel.config import ExpertParallel
 from moejax.parallel.expert_parallel import expert_parallel_apply
+from moejax.parallel.mesh import BATCH_AXES
 
 Array = jax.Array
-TOKEN_AXES = ("data", "expert")
 
 
 def context_mesh():
   """The mesh set by jax.set_mesh, with axes checked; errors name the setting."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(TOKEN_AXES + ("model",)) <= set(mesh.axis_names):
+  if mesh.empty or not set(BATCH_AXES + ("model",)) <= set(mesh.axis_names):
     raise ValueError("MoE.expert_parallel needs a mesh with axes ('data', 'expert', "
                      "'model') in context: run under jax.set_mesh(moejax.parallel."
                      f"make_mesh(...)); the mesh in context has axes {mesh.axis_names}")
@@ -88,13 +88,13 @@ def sharded_experts(tokens: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
     y = jax.lax.psum(y.astype(jnp.float32), "model").astype(x.dtype)
     counts = grouping.expert_counts(plan.expert, plan.valid, num_experts)
     me = jax.nn.one_hot(jax.lax.axis_index("expert"), mesh.shape["expert"])
-    rows = jax.lax.psum(me * stats.rows, TOKEN_AXES)
-    spread = jax.lax.psum(jnp.stack([stats.dropped, stats.spilled]), TOKEN_AXES)
-    return y, (spread[0], spread[1], rows, balance.psum_counts(counts, TOKEN_AXES))
+    rows = jax.lax.psum(me * stats.rows, BATCH_AXES)
+    spread = jax.lax.psum(jnp.stack([stats.dropped, stats.spilled]), BATCH_AXES)
+    return y, (spread[0], spread[1], rows, balance.psum_counts(counts, BATCH_AXES))
 
   y, values = jax.shard_map(
-      device, mesh=mesh, in_specs=(P(TOKEN_AXES), P(TOKEN_AXES), weight_specs),
-      out_specs=(P(TOKEN_AXES), (P(),) * 4))(tokens, plan, ffn)
+      device, mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), weight_specs),
+      out_specs=(P(BATCH_AXES), (P(),) * 4))(tokens, plan, ffn)
   metrics = dict(zip(("ep_dropped", "ep_spilled", "ep_device_rows", "global_load"), values))
   rows = metrics["ep_device_rows"]
   metrics["ep_load_ratio"] = jnp.max(rows) / jnp.maximum(jnp.mean(rows), 1e-9)

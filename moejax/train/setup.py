@@ -22,14 +22,15 @@ import jax.numpy as jnp
 
 from moejax import routers, validation
 from moejax.data.pipeline import PipelineSpec
-from moejax.layer import LAYER_LOSSES
+from moejax.layer import LAYER_LOSSES, MoE
 from moejax.models import TransformerLM
+from moejax.parallel import ExpertParallel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_FIELDS = ("num_experts", "hidden_dim", "top_k", "router", "engine", "backend",
               "block_size", "capacity_factor", "drop_policy", "expert_type", "activation",
               "granularity", "num_shared_experts", "loss_weights", "tsallis_q", "erc_noise",
-              "erc_form", "erc_margin")
+              "erc_form", "erc_margin", "expert_parallel")
 
 
 def config_from_file(path: str, sibling_of: Optional[str] = None):
@@ -66,11 +67,35 @@ def moe_settings(config) -> Optional[dict[str, Any]]:
   if unknown:
     raise ValueError(f"moe has unknown fields {unknown}; MoE fields: {list(MOE_FIELDS)}, "
                      f"router sections: {routers.names()}")
+  if "expert_parallel" in kwargs:
+    kwargs["expert_parallel"] = expert_parallel(kwargs["expert_parallel"])
   kwargs["router_kwargs"] = moe.get(kwargs.get("router", "topk"), {}) or {}
   kwargs["router_kwargs"] = {k: v for k, v in kwargs["router_kwargs"].items() if v is not None}
   if "loss_weights" in kwargs:
     kwargs["loss_weights"] = loss_weights(kwargs.get("router", "topk"), kwargs["loss_weights"])
   return kwargs
+
+
+def expert_parallel_section():
+  """config.moe.expert_parallel at its defaults: off (dispatch 'none')."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  fields = {f.name: f.default for f in dataclasses.fields(ExpertParallel)}
+  fields["dispatch"] = "none"
+  fields["capacity_factor"] = config_dict.placeholder(float)
+  return ml_collections.ConfigDict(fields)
+
+
+def expert_parallel(section: Optional[dict[str, Any]]) -> Optional[ExpertParallel]:
+  """ExpertParallel from config.moe.expert_parallel; None when dispatch is 'none'."""
+  if not section or section.get("dispatch", "none") == "none":
+    return None
+  known = {f.name for f in dataclasses.fields(ExpertParallel)}
+  unknown = sorted(set(section) - known)
+  if unknown:
+    raise ValueError(f"moe.expert_parallel has unknown fields {unknown}; fields: "
+                     f"{sorted(known)}")
+  return ExpertParallel(**section)
 
 
 def router_sections(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -198,12 +223,19 @@ def check(config, num_devices: Optional[int] = None) -> None:
   if t.batch_size % t.num_microbatches:
     raise ValueError(f"train.num_microbatches ({t.num_microbatches}) must divide "
                      f"train.batch_size ({t.batch_size})")
-  data_parallel = mesh_shape(config, num_devices)[0]
+  data, expert, _ = mesh_shape(config, num_devices)
+  data_parallel = data * expert
   micro = t.batch_size // t.num_microbatches
   if micro % data_parallel:
     raise ValueError(f"train.batch_size / train.num_microbatches = {micro} rows must divide "
-                     f"over mesh.data = {data_parallel} devices")
+                     f"over mesh.data * mesh.expert = {data_parallel} devices")
   if t.eval_batch_size % data_parallel:
     raise ValueError(f"train.eval_batch_size ({t.eval_batch_size}) must divide over "
-                     f"mesh.data = {data_parallel} devices")
+                     f"mesh.data * mesh.expert = {data_parallel} devices")
   build_model(config)
+  settings = moe_settings(config)
+  if settings and settings.get("expert_parallel") is not None:
+    experts = MoE(**settings, parent=None).routed_experts
+    if experts % expert:
+      raise ValueError(f"moe.num_experts ({experts} routed experts) must be divisible by "
+                       f"mesh.expert ({expert}) for expert parallelism")

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax.data import make_dataset
 from moejax.data.pipeline import num_domains
-from moejax.parallel import LOGICAL_RULES, make_mesh
+from moejax.parallel import BATCH_AXES, LOGICAL_RULES, make_mesh
 from moejax.train import setup
 from moejax.train.checkpoints import Checkpointer, abstract_like
 from moejax.train.report import write_report
@@ -79,7 +79,7 @@ def init_state(model: nn.Module, tx, config, mesh) -> tuple[TrainState, Any]:
 def evaluate(state, eval_step, config, mesh, tokenizer) -> dict[str, Any]:
   """Loss, bits per byte and mean routing metrics over the first eval batches."""
   spec = setup.pipeline_spec(config, config.data.eval_split, training=False)
-  sharding = NamedSharding(mesh, P("data"))
+  sharding = NamedSharding(mesh, P(BATCH_AXES))
   totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
   layer_sums, batches = None, 0
   for batch in make_dataset(spec, tokenizer, prepare=False):
@@ -115,12 +115,30 @@ def _scalar_summary(metrics: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def compiled_steps(model: nn.Module, tx, config, mesh, shardings, domains: int):
+  """(train_step, eval_step, batch sharding): the steps jitted with the state's
+  shardings and the batch split over mesh.data * mesh.expert. Call them under
+  jax.set_mesh(mesh) (expert parallelism reads the mesh from context)."""
+  batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+  data_shards = mesh.shape["data"] * mesh.shape["expert"]
+  train_step = jax.jit(make_train_step(model, tx, config.train.num_microbatches, data_shards),
+                       in_shardings=(shardings, batch_sharding, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, domains), in_shardings=(shardings, batch_sharding))
+  return train_step, eval_step, batch_sharding
+
+
 def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
   """Trains the config's model in workdir; returns the final evaluation."""
   setup.check(config)
+  mesh = make_mesh(*setup.mesh_shape(config))
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, progress, mesh)
+
+
+def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
   tokenizer = setup.tokenizer(config)
   model = setup.build_model(config)
-  mesh = make_mesh(*setup.mesh_shape(config))
   t = config.train
   tx = make_optimizer(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
 
@@ -136,12 +154,9 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
   _log(f"model: {num_params / 1e6:.2f}M parameters, {len(jax.devices())} device(s), "
        f"mesh {dict(mesh.shape)}; training steps {start}..{t.steps} in {workdir}")
 
-  batch_sharding = NamedSharding(mesh, P("data"))
-  train_step = jax.jit(make_train_step(model, tx, t.num_microbatches, mesh.shape["data"]),
-                       in_shardings=(shardings, batch_sharding, None),
-                       out_shardings=(shardings, None), donate_argnums=0)
   domains = num_domains(setup.pipeline_spec(config, config.data.eval_split, training=False))
-  eval_step = jax.jit(make_eval_step(model, domains), in_shardings=(shardings, batch_sharding))
+  train_step, eval_step, batch_sharding = compiled_steps(model, tx, config, mesh, shardings,
+                                                         domains)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   base_key = jax.random.PRNGKey(config.seed)
 
