@@ -11,6 +11,15 @@ their defaults; loss weights left None take the chosen router's defaults. Router
 that are not causal (expert_choice, sinkhorn, selective_sinkhorn, soft) stop at
 start-up in this causal LM unless --config.moe.<router>.allow_noncausal=True.
 
+Expert parallelism, here on 8 simulated CPU devices (experts over 4, data over 2):
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m moejax.main \
+      --config=configs/lm_tiny.py --workdir=/tmp/lm_tiny_ep --config.mesh.data=2 \
+      --config.mesh.expert=4 --config.moe.expert_parallel.dispatch=all_to_all
+
+It computes what the data-parallel run computes (tests/test_expert_parallel_training.py);
+on simulated devices it is slower, as the devices share the host's cores.
+
 Model: 2 blocks, D = 128, 4 heads, every FFN an MoE of E = 8 SwiGLU experts of
 width F = 256 with top-2 softmax routing (active FFN width 512, as `dense_tiny`).
 Data: the Python standard library's source as bytes (prepared on first use in

@@ -43,7 +43,7 @@ def _balance(method):
 def test_every_balance_method_is_valid_and_documented(method):
   config = _balance(method)
   setup.check(config, num_devices=1)
-  with pytest.raises(ValueError, match="mesh.data = 8"):   # 4-row micro-batches
+  with pytest.raises(ValueError, match=r"mesh\.data \* mesh\.expert = 8"):   # 4-row micro-batches
     setup.check(config, num_devices=8)
   assert f"  {method} " in open(BALANCE, encoding="utf-8").read()
   assert config.train.num_microbatches == 4

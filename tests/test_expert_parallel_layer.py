@@ -44,3 +44,33 @@ def test_layer_expert_parallel_equals_one_device(router, shape):
   np.testing.assert_array_equal(got_metrics["global_load"], want_metrics["load"])
   # Every valid assignment ran on exactly one device.
   assert float(jnp.sum(got_metrics["ep_device_rows"])) == float(jnp.sum(want_metrics["load"]))
+
+
+def test_expert_major_plan_laid_out_token_major():
+  from moejax.core import RoutingPlan  # pylint: disable=g-import-not-at-top
+  # Expert choice over T = 3 tokens, E = 2, C = 2: expert 0 takes tokens 2, 0;
+  # expert 1 takes tokens 2, 1. Token-major with 2 slots per token:
+  #   token 0: (e0)      token 1: (e1)      token 2: (e0, e1)
+  plan = RoutingPlan(token=jnp.array([2, 0, 2, 1]), expert=jnp.array([0, 0, 1, 1]),
+                     weight=jnp.array([0.5, 0.25, 0.75, 1.0]),
+                     valid=jnp.array([True, True, True, True]))
+  out = plan.to_token_major(num_tokens=3, per_token=2)
+  np.testing.assert_array_equal(out.token, [0, 0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(out.valid, [True, False, True, False, True, True])
+  np.testing.assert_array_equal(out.expert[out.valid], [0, 1, 0, 1])
+  np.testing.assert_allclose(out.weight, [0.25, 0, 1.0, 0, 0.5, 0.75])
+
+
+def test_expert_parallel_needs_a_mesh_and_a_plan():
+  x = jnp.ones((B, L, D))
+  layer = _layer("topk", expert_parallel=ExpertParallel())
+  variables = _layer("topk").init(jax.random.PRNGKey(1), x)
+  with pytest.raises(ValueError, match=r"MoE\.expert_parallel needs a mesh"):
+    layer.apply(variables, x)
+  with jax.set_mesh(make_mesh(1, 8, 1)):
+    with pytest.raises(ValueError, match=r"tokens per call B\*L = 12 must be divisible"):
+      layer.apply(variables, x[:, :3])
+  with pytest.raises(ValueError, match="Soft MoE"):
+    MoE(num_experts=8, hidden_dim=16, router="soft", expert_parallel=ExpertParallel())
+  with pytest.raises(TypeError, match="ExpertParallel"):
+    MoE(num_experts=8, hidden_dim=16, expert_parallel="all_to_all")
