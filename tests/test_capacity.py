@@ -5,7 +5,6 @@ assignments per expert; `position` keeps earlier tokens first and `score` tokens
 with the highest top-1 probability first, in both cases every first choice
 before any second choice.
 """
-import math
 
 import hypothesis
 import hypothesis.strategies as st

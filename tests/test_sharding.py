@@ -3,7 +3,6 @@ simulated CPU devices gives the 1-device output."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
