@@ -27,6 +27,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moejax import grouping
+
 AXES = {
     "B": "batch",
     "L": "sequence length",
@@ -86,7 +88,6 @@ class RoutingPlan:
     more valid assignments than `per_token` would lose them, so callers pass a
     bound that holds (e.g. E when each (token, expert) pair is unique).
     """
-    from moejax import grouping  # pylint: disable=g-import-not-at-top
     rank = grouping.choice_rank(self.token, self.valid, num_tokens)
     size = num_tokens * per_token
     index = jnp.where(self.valid & (rank < per_token), self.token * per_token + rank, size)

@@ -47,6 +47,11 @@ def sort_by_expert(expert: Array, valid: Array, num_experts: int,
   return order.astype(jnp.int32), expert_counts(expert, valid, num_experts)
 
 
+def exclusive_cumsum(a: Array, axis: int = 0) -> Array:
+  """Sum of the entries before each one along `axis`: group sizes -> group starts."""
+  return jnp.cumsum(a, axis=axis) - a
+
+
 def position_in_expert(expert: Array, valid: Array, num_experts: int,
                        priority: Optional[Array] = None) -> Array:
   """int32[A]: rank of each valid slot among the slots of its expert.
@@ -56,7 +61,7 @@ def position_in_expert(expert: Array, valid: Array, num_experts: int,
   """
   order, group_sizes = sort_by_expert(expert, valid, num_experts, priority)
   key = _expert_key(expert, valid, num_experts)
-  starts = jnp.cumsum(group_sizes) - group_sizes
+  starts = exclusive_cumsum(group_sizes)
   starts = jnp.concatenate([starts, jnp.sum(group_sizes, keepdims=True)])
   ranks_sorted = jnp.arange(order.shape[0], dtype=jnp.int32) - starts[key[order]]
   return jnp.zeros_like(ranks_sorted).at[order].set(ranks_sorted)
@@ -91,6 +96,6 @@ def padded_layout(expert: Array, valid: Array, num_experts: int,
   num_rows = _round_up(num_slots + num_experts * (multiple - 1), multiple)
   position = position_in_expert(expert, valid, num_experts)
   padded_sizes = _round_up(expert_counts(expert, valid, num_experts), multiple)
-  starts = jnp.cumsum(padded_sizes) - padded_sizes
+  starts = exclusive_cumsum(padded_sizes)
   dest = jnp.where(valid, starts[jnp.where(valid, expert, 0)] + position, num_rows)
   return dest.astype(jnp.int32), padded_sizes.astype(jnp.int32), num_rows

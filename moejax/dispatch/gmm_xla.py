@@ -29,6 +29,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.grouping import exclusive_cumsum
 from moejax.varying import cotangent, vary_like
 
 Array = jax.Array
@@ -43,7 +44,7 @@ def _for_each_tile(padded_sizes: Array, block_size: int,
   `tiled(visit_tile, carry)`, which calls `visit_tile(row, block_size, carry)` for
   the first row of each of e's tiles, in a loop with a traced trip count.
   """
-  starts = jnp.cumsum(padded_sizes) - padded_sizes
+  starts = exclusive_cumsum(padded_sizes)
 
   def one_group(e, carry):
     start = starts[e]

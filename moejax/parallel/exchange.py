@@ -78,10 +78,6 @@ def fixed_exchange(x: Array, token: Array, dest: Array, local_expert: Array, kee
   return Received(rows, expert.astype(jnp.int32), valid, kept, give_back)
 
 
-def _exclusive_cumsum(a: Array, axis: int) -> Array:
-  return jnp.cumsum(a, axis=axis) - a
-
-
 def ragged_exchange(x: Array, token: Array, dest: Array, local_expert: Array, keep: Array,
                     receive_rows: int, axis_name: str) -> Received:
   """Rows packed by destination; device d receives the sources' rows one after
@@ -91,9 +87,9 @@ def ragged_exchange(x: Array, token: Array, dest: Array, local_expert: Array, ke
   num_slots = dest.shape[0]
   counts = grouping.expert_counts(dest, keep, num_devices).astype(jnp.int32)   # [n]
   table = jax.lax.all_gather(counts, axis_name)                   # [source, dest]
-  offset = _exclusive_cumsum(table, 0)                             # place at the receiver
+  offset = grouping.exclusive_cumsum(table, 0)                             # place at the receiver
   sent = jnp.clip(receive_rows - offset, 0, table)                 # what fits there
-  start = _exclusive_cumsum(table, 1)                              # place at the sender
+  start = grouping.exclusive_cumsum(table, 1)                              # place at the sender
   position = grouping.position_in_expert(dest, keep, num_devices)
   safe_dest = jnp.where(keep, dest, 0)
   kept = keep & (position < sent[me, safe_dest])

@@ -4,7 +4,7 @@ With n devices on the expert axis, each holds E_l = E / n experts (global expert
 e lives on device e // E_l) and its own shard of the tokens x [T_l, D] with a
 plan over them (token ids local, expert ids global).
 
-all_to_all_apply (GShard 2020; LLEP 2026 with `spill`):
+all_to_all_apply (GShard 2020; LLEP 2026 with settings.llep):
   1. each valid slot gets a destination: its expert's device, or with LLEP the
      device the spill plan gives its rank among the expert's rows
   2. rows travel there (exchange.fixed_exchange or ragged_exchange)
@@ -22,13 +22,11 @@ counts the assignments that did not fit.
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax import balance, grouping
+from moejax import grouping
 from moejax.core import RoutingPlan
 from moejax.experts import ExpertFFN
 from moejax.parallel import exchange, llep
@@ -58,18 +56,28 @@ def _rows_through_experts(received: exchange.Received, ffn: ExpertFFN, engine) -
   return engine(received.rows, plan, ffn)
 
 
-def group_rank(expert: Array, valid: Array, counts: Array, axis_name: str) -> Array:
-  """int32[A]: rank of each valid slot among all rows of its expert over the
-  axis (sources in axis order, then slot order). `counts` [E] are this
-  device's."""
-  num_experts = counts.shape[0]
+def _llep_destinations(plan: RoutingPlan, local_experts: int, settings: ExpertParallel,
+                       axis_name: str) -> tuple[Array, Array, llep.SpillPlan]:
+  """(device, index among that device's experts) of each slot under LLEP, and
+  the spill plan. One all_gather of the devices' [E] counts gives both the
+  group's global counts and each slot's rank among all rows of its expert
+  (sources in axis order, then slot order)."""
+  num_devices = jax.lax.axis_size(axis_name)
+  num_experts = local_experts * num_devices
+  counts = grouping.expert_counts(plan.expert, plan.valid, num_experts).astype(jnp.int32)
   table = jax.lax.all_gather(counts, axis_name)                    # [n, E]
-  before = (jnp.cumsum(table, axis=0) - table)[jax.lax.axis_index(axis_name)]
-  local = grouping.position_in_expert(expert, valid, num_experts)
-  return before[jnp.where(valid, expert, 0)] + local
+  spill = llep.least_loaded_plan(
+      jnp.sum(table, axis=0), num_devices, threshold=settings.llep_threshold,
+      alpha=settings.llep_alpha, min_chunk=settings.llep_min_chunk,
+      guest_slots=settings.llep_guest_slots)
+  before = grouping.exclusive_cumsum(table, 0)[jax.lax.axis_index(axis_name)]
+  rank = (before[jnp.where(plan.valid, plan.expert, 0)]
+          + grouping.position_in_expert(plan.expert, plan.valid, num_experts))
+  dest, local_expert = llep.slot_destinations(spill, plan.expert, rank)
+  return dest, local_expert, spill
 
 
-def buffer_sizes(settings: ExpertParallel, num_slots: int, num_devices: int) -> int:
+def buffer_size(settings: ExpertParallel, num_slots: int, num_devices: int) -> int:
   """Fixed: capacity per destination. Ragged: receive buffer rows."""
   cf = settings.capacity_factor
   if resolved_transport(settings) == "fixed":
@@ -86,8 +94,8 @@ def resolved_transport(settings: ExpertParallel) -> str:
 
 
 def all_to_all_apply(x: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
-                     settings: ExpertParallel, axis_name: str = "expert",
-                     spill: Optional[llep.SpillPlan] = None) -> tuple[Array, Stats]:
+                     settings: ExpertParallel, axis_name: str = "expert"
+                     ) -> tuple[Array, Stats]:
   """One device's part of all_to_all expert parallelism (call inside shard_map).
 
   Args:
@@ -97,27 +105,17 @@ def all_to_all_apply(x: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
     engine: runs the received rows (e.g. dispatch.create("sorted")).
     settings: transport, capacity and LLEP settings.
     axis_name: the mesh axis the experts are sharded over.
-    spill: a given LLEP plan; None computes it from the global counts when
-      settings.llep, else plain EP.
   """
   num_devices = jax.lax.axis_size(axis_name)
   local_experts = ffn.num_experts
-  num_experts = local_experts * num_devices
-  dest = plan.expert // local_experts
-  local_expert = plan.expert % local_experts
+  home = plan.expert // local_experts
+  dest, local_expert = home, plan.expert % local_experts
   spilled = jnp.zeros((), jnp.float32)
-  if settings.llep or spill is not None:
-    counts = grouping.expert_counts(plan.expert, plan.valid, num_experts).astype(jnp.int32)
-    if spill is None:
-      spill = llep.least_loaded_plan(
-          balance.psum_counts(counts, (axis_name,)).astype(jnp.int32), num_devices,
-          threshold=settings.llep_threshold, alpha=settings.llep_alpha,
-          min_chunk=settings.llep_min_chunk, guest_slots=settings.llep_guest_slots)
-    rank = group_rank(plan.expert, plan.valid, counts, axis_name)
-    dest, local_expert = llep.slot_destinations(spill, plan.expert, rank)
-    spilled = jnp.sum(plan.valid & (dest != plan.expert // local_experts)).astype(jnp.float32)
+  if settings.llep:
+    dest, local_expert, spill = _llep_destinations(plan, local_experts, settings, axis_name)
+    spilled = jnp.sum(plan.valid & (dest != home)).astype(jnp.float32)
     ffn = llep.with_guests(ffn, spill, axis_name)
-  size = buffer_sizes(settings, plan.num_slots, num_devices)
+  size = buffer_size(settings, plan.num_slots, num_devices)
   move = (exchange.ragged_exchange if resolved_transport(settings) == "ragged"
           else exchange.fixed_exchange)
   received = move(x, plan.token, dest, local_expert, plan.valid, size, axis_name)

@@ -11,11 +11,12 @@ expert-parallel group; a `model` axis splits F and sums the partial outputs.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax import balance, grouping
 from moejax.core import RoutingPlan
 from moejax.experts import ExpertFFN
 from moejax.parallel.config import ExpertParallel
@@ -35,10 +36,12 @@ def context_mesh():
   return mesh
 
 
-def check_sizes(mesh, num_tokens: int, num_experts: int, hidden_dim: int) -> None:
-  """Experts divisible by the expert axis, tokens by data * expert, F by model."""
-  n, shards, model = mesh.shape["expert"], mesh.shape["data"] * mesh.shape["expert"], \
-      mesh.shape["model"]
+def check_sizes(axis_sizes: Mapping[str, int], num_tokens: int, num_experts: int,
+                hidden_dim: int) -> None:
+  """Experts divisible by the expert axis, tokens by data * expert, F by model
+  (`axis_sizes`: mesh.shape, or the sizes a config asks for)."""
+  n, model = axis_sizes["expert"], axis_sizes["model"]
+  shards = axis_sizes["data"] * n
   if num_experts % n:
     raise ValueError(f"num_experts ({num_experts} routed experts) must be divisible by "
                      f"mesh.expert ({n}) for expert parallelism")
@@ -71,13 +74,12 @@ def sharded_experts(tokens: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
   Returns:
     y and metrics: `ep_dropped` (assignments that did not fit), `ep_device_rows`
     [n] (rows each expert device ran, summed over data rows), `ep_load_ratio`
-    (max over mean of those), `ep_spilled` (rows LLEP moved), `global_load` [E]
-    (valid assignments per expert over the whole mesh, one psum).
+    (max over mean of those), `ep_spilled` (rows LLEP moved).
   """
   mesh = context_mesh()
   num_tokens = tokens.shape[0]
   num_experts = ffn.num_experts
-  check_sizes(mesh, num_tokens, num_experts, ffn.weights["wo"].shape[1])
+  check_sizes(mesh.shape, num_tokens, num_experts, ffn.weights["wo"].shape[1])
   if not token_major:
     plan = plan.to_token_major(num_tokens, num_experts)
   weight_specs = ffn.replace(weights={k: _weight_spec(k) for k in ffn.weights})
@@ -86,16 +88,14 @@ def sharded_experts(tokens: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
     local = plan.replace(token=plan.token % x.shape[0])
     y, stats = expert_parallel_apply(x, local, ffn, engine, settings)
     y = jax.lax.psum(y.astype(jnp.float32), "model").astype(x.dtype)
-    counts = grouping.expert_counts(plan.expert, plan.valid, num_experts)
+    # One psum: rows at this device's place on the expert axis, then the counts.
     me = jax.nn.one_hot(jax.lax.axis_index("expert"), mesh.shape["expert"])
-    rows = jax.lax.psum(me * stats.rows, BATCH_AXES)
-    spread = jax.lax.psum(jnp.stack([stats.dropped, stats.spilled]), BATCH_AXES)
-    return y, (spread[0], spread[1], rows, balance.psum_counts(counts, BATCH_AXES))
+    totals = jnp.concatenate([me * stats.rows, jnp.stack([stats.dropped, stats.spilled])])
+    return y, jax.lax.psum(totals, BATCH_AXES)
 
-  y, values = jax.shard_map(
+  y, totals = jax.shard_map(
       device, mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), weight_specs),
-      out_specs=(P(BATCH_AXES), (P(),) * 4))(tokens, plan, ffn)
-  metrics = dict(zip(("ep_dropped", "ep_spilled", "ep_device_rows", "global_load"), values))
-  rows = metrics["ep_device_rows"]
-  metrics["ep_load_ratio"] = jnp.max(rows) / jnp.maximum(jnp.mean(rows), 1e-9)
-  return y, metrics
+      out_specs=(P(BATCH_AXES), P()))(tokens, plan, ffn)
+  rows = totals[:-2]
+  return y, {"ep_device_rows": rows, "ep_dropped": totals[-2], "ep_spilled": totals[-1],
+             "ep_load_ratio": jnp.max(rows) / jnp.maximum(jnp.mean(rows), 1e-9)}

@@ -24,7 +24,7 @@ from moejax import routers, validation
 from moejax.data.pipeline import PipelineSpec
 from moejax.layer import LAYER_LOSSES, MoE
 from moejax.models import TransformerLM
-from moejax.parallel import ExpertParallel
+from moejax.parallel import ExpertParallel, sharded
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_FIELDS = ("num_experts", "hidden_dim", "top_k", "router", "engine", "backend",
@@ -223,7 +223,7 @@ def check(config, num_devices: Optional[int] = None) -> None:
   if t.batch_size % t.num_microbatches:
     raise ValueError(f"train.num_microbatches ({t.num_microbatches}) must divide "
                      f"train.batch_size ({t.batch_size})")
-  data, expert, _ = mesh_shape(config, num_devices)
+  data, expert, model_axis = mesh_shape(config, num_devices)
   data_parallel = data * expert
   micro = t.batch_size // t.num_microbatches
   if micro % data_parallel:
@@ -232,10 +232,11 @@ def check(config, num_devices: Optional[int] = None) -> None:
   if t.eval_batch_size % data_parallel:
     raise ValueError(f"train.eval_batch_size ({t.eval_batch_size}) must divide over "
                      f"mesh.data * mesh.expert = {data_parallel} devices")
-  build_model(config)
-  settings = moe_settings(config)
-  if settings and settings.get("expert_parallel") is not None:
-    experts = MoE(**settings, parent=None).routed_experts
-    if experts % expert:
-      raise ValueError(f"moe.num_experts ({experts} routed experts) must be divisible by "
-                       f"mesh.expert ({expert}) for expert parallelism")
+  model = build_model(config)
+  if model.moe is not None and model.moe.get("expert_parallel") is not None:
+    layer = MoE(**model.moe, parent=None)
+    try:
+      sharded.check_sizes({"data": data, "expert": expert, "model": model_axis},
+                          micro * d.seq_len, layer.routed_experts, layer.expert_hidden_dim)
+    except ValueError as e:
+      raise ValueError(f"moe.{e}") from None

@@ -76,10 +76,9 @@ def init_state(model: nn.Module, tx, config, mesh) -> tuple[TrainState, Any]:
   return state, shardings
 
 
-def evaluate(state, eval_step, config, mesh, tokenizer) -> dict[str, Any]:
+def evaluate(state, eval_step, config, batch_sharding, tokenizer) -> dict[str, Any]:
   """Loss, bits per byte and mean routing metrics over the first eval batches."""
   spec = setup.pipeline_spec(config, config.data.eval_split, training=False)
-  sharding = NamedSharding(mesh, P(BATCH_AXES))
   totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
   layer_sums, batches = None, 0
   for batch in make_dataset(spec, tokenizer, prepare=False):
@@ -88,7 +87,7 @@ def evaluate(state, eval_step, config, mesh, tokenizer) -> dict[str, Any]:
     batch = _pad_rows(batch, spec.batch_size)
     rows = split_batch(batch)
     totals["bytes"] += float(np.sum(tokenizer.token_bytes(rows["targets"]) * rows["mask"]))
-    out = jax.device_get(eval_step(state, _global_batch(batch, sharding)))
+    out = jax.device_get(eval_step(state, _global_batch(batch, batch_sharding)))
     totals["nll_sum"] += float(out["nll_sum"])
     totals["tokens"] += float(out["tokens"])
     layer_sums = out["layers"] if layer_sums is None else jax.tree_util.tree_map(
@@ -183,7 +182,7 @@ def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
     if bar is not None:
       bar.update(1)
     if done % t.eval_every == 0 or done == t.steps:
-      evaluation = evaluate(state, eval_step, config, mesh, tokenizer)
+      evaluation = evaluate(state, eval_step, config, batch_sharding, tokenizer)
       writer.write(done, "eval", evaluation)
       _log(f"\nstep {done}: eval loss {evaluation['loss']:.4f}, "
            f"bits per byte {evaluation['bits_per_byte']:.4f}")
@@ -192,7 +191,7 @@ def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
   if bar is not None:
     bar.close()
   if evaluation is None:   # a finished run, rerun: evaluate (and log) it again
-    evaluation = evaluate(state, eval_step, config, mesh, tokenizer)
+    evaluation = evaluate(state, eval_step, config, batch_sharding, tokenizer)
     writer.write(t.steps, "eval", evaluation)
   if jax.process_index() == 0:
     write_report(workdir, t.steps, evaluation)
