@@ -1,4 +1,16 @@
-"""Pallas kernels for the dropless path (grouped matmul, fused dispatch/combine).
+"""Pallas kernels for the dropless path: grouped matmul, fused dispatch and combine.
 
-The kernels plug into moejax's `sorted` engine as grouped-matmul backends.
+  gmm       out[r] = lhs[r or row_index[r]] @ W[g(r)]   grouped matmul, fused gather
+  tgmm      d W[g] = lhs_g^T grad_g                      the grouped weight gradient
+  combine   y[t] = sum_{r -> t} weight[r] rows[r]        weighted gather-sum, no atomics
+
+`gmm` and `combine` are differentiable with grouped backward passes. Kernels
+target GPU (Triton) and TPU (Mosaic) and run in interpret mode on CPU; tiles are
+set per pass (GmmTiling). moejax's `sorted` engine uses them as backend `pallas`.
 """
+from pallas_kernels.ops import KernelSettings, TARGETS, combine, default_target, gmm, tgmm
+from pallas_kernels.tiling import DEFAULT_TILING, GmmTiling, Tiles
+from pallas_kernels.triton_combine import CombineTiles
+
+__all__ = ["CombineTiles", "DEFAULT_TILING", "GmmTiling", "KernelSettings", "TARGETS",
+           "Tiles", "combine", "default_target", "gmm", "tgmm"]
