@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
       hidden_dim=256,
       router="topk",
       engine="sorted",
-      backend="xla",
+      backend="auto",
       block_size=128,
       capacity_factor=config_dict.placeholder(float),
       drop_policy="position",

@@ -94,8 +94,11 @@ class MoE(nn.Module):
     router: a name in moejax.routers.names().
     router_kwargs: the router's own settings (e.g. score='sigmoid').
     engine: `sorted` (dropless, default), `einsum` or `loop` (the oracle).
-    backend: grouped-matmul backend of `sorted`: `xla` or `ragged_dot`.
+    backend: grouped-matmul backend of `sorted`: `auto` (default: `pallas` on
+      GPU and TPU, `xla` elsewhere), `xla`, `pallas` or `ragged_dot`.
     block_size: row tile of the `xla` backend.
+    kernel_settings: pallas_kernels.KernelSettings of the `pallas` backend
+      (target, tiles per pass); None for the platform's defaults.
     capacity_factor: None for dropless, else C = ceil(cf * T * K / E).
     drop_policy: `position` or `score` (see moejax.capacity).
     expert_type: `glu` or `mlp`.
@@ -124,8 +127,9 @@ class MoE(nn.Module):
   router: str = "topk"
   router_kwargs: Mapping[str, Any] = FrozenDict()
   engine: str = "sorted"
-  backend: str = "xla"
+  backend: str = "auto"
   block_size: int = 128
+  kernel_settings: Optional[Any] = None
   capacity_factor: Optional[float] = None
   drop_policy: str = "position"
   expert_type: str = "glu"
@@ -156,7 +160,7 @@ class MoE(nn.Module):
       validation.positive_int("model_dim", self.model_dim)
     capacity.validate(self.capacity_factor, self.drop_policy)
     validation.one_of("engine", self.engine, tuple(dispatch.names()))
-    dispatch.gmm_backends.create(self.backend, self.block_size)
+    dispatch.gmm_backends.create(self.backend, self.block_size, self.kernel_settings)
     for reserved in ("num_experts", "top_k"):
       if reserved in self.router_kwargs:
         raise ValueError(f"router_kwargs.{reserved} is set by the layer (its {reserved} "
@@ -219,7 +223,8 @@ class MoE(nn.Module):
 
   def _make_engine(self):
     if self.engine == "sorted":
-      return dispatch.create("sorted", backend=self.backend, block_size=self.block_size)
+      return dispatch.create("sorted", backend=self.backend, block_size=self.block_size,
+                             kernel_settings=self.kernel_settings)
     return dispatch.create(self.engine)
 
   def setup(self):

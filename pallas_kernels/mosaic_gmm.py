@@ -34,6 +34,12 @@ Array = jax.Array
 F32 = jnp.float32
 
 
+def _interpret(interpret):
+  """TPU interpret mode for `True`: it simulates VMEM (uninitialized buffers read
+  as NaN) and the pipelining of blocks, so kernels are checked as a TPU runs them."""
+  return pltpu.InterpretParams() if interpret is True else interpret
+
+
 def _dot(a, b, contract_a: int, contract_b: int):
   return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                              preferred_element_type=F32)
@@ -104,7 +110,7 @@ def gmm(lhs: Array, rhs: Array, schedule: GroupTiles, row_index, num_rows: int,
       input_output_aliases={7: 0},
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-      interpret=interpret, name="moejax_gmm_tpu",
+      interpret=_interpret(interpret), name="moejax_gmm_tpu",
   )(schedule.group_start, schedule.visit_group, schedule.visit_tile,
     schedule.visit_first, schedule.visit_active, lhs, rhs, zeros)
 
@@ -153,7 +159,7 @@ def tgmm(lhs: Array, grad: Array, schedule: GroupTiles, row_index, tiles: Tiles,
       grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret, name="moejax_tgmm_tpu",
+      interpret=_interpret(interpret), name="moejax_tgmm_tpu",
   )(schedule.group_start, schedule.visit_group, schedule.visit_tile,
     schedule.visit_group_first, schedule.visit_group_last, schedule.visit_active,
     lhs, grad)

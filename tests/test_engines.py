@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels
 from moejax import capacity, dispatch
 from tests.helpers import assert_trees_close, random_ffn, random_plan
 
@@ -25,6 +26,11 @@ ENGINES = {
     "sorted-xla": dispatch.create("sorted", backend="xla", block_size=4),
     "sorted-xla-128": dispatch.create("sorted", backend="xla", block_size=128),
     "sorted-ragged_dot": dispatch.create("sorted", backend="ragged_dot"),
+    # Interpret mode on CPU; 8-row tiles put group boundaries inside tiles.
+    "sorted-pallas": dispatch.create("sorted", backend="pallas",
+                                     kernel_settings=pallas_kernels.KernelSettings(
+                                         tiling=pallas_kernels.GmmTiling.uniform(8, 8, 8),
+                                         combine_tiles=pallas_kernels.CombineTiles(8, 8, 8))),
 }
 ORACLE = dispatch.create("loop")
 

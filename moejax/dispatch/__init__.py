@@ -4,7 +4,7 @@
 
   loop     per-expert loop, the oracle
   einsum   GShard one-hot dispatch/combine [T, E, C]
-  sorted   argsort by expert + grouped matmul (backends: xla, ragged_dot)
+  sorted   argsort by expert + grouped matmul (backends: auto, xla, pallas, ragged_dot)
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def names() -> list[str]:
 
 
 def create(name: str, /, **kwargs):
-  """Builds engine `name`; kwargs are its settings (sorted: backend, block_size)."""
+  """Builds engine `name`; kwargs are its settings (sorted: backend, block_size,
+  kernel_settings)."""
   validation.one_of("engine", name, tuple(ENGINES))
   try:
     return ENGINES[name](**kwargs)

@@ -17,10 +17,15 @@ zeros and gmm_scatter ignores them.
               matmuls, grouped backward (gmm_xla.py); groups padded to the tile.
   ragged_dot  jax.lax.ragged_dot on a gathered copy, combine by segment sum;
               contiguous groups. On some backends it runs densely: measure.
+  pallas      our kernels (pallas_kernels): grouped matmul reading rows by index,
+              atomic-free weighted combine, grouped backward; contiguous groups.
+              Triton on GPU, Mosaic on TPU, interpret mode on CPU (slow: tests).
+  auto        `pallas` on GPU and TPU, `xla` elsewhere.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +78,48 @@ class XlaBackend:
                                self.block_size)
 
 
-BACKENDS = {"xla": XlaBackend, "ragged_dot": RaggedDotBackend}
+@dataclasses.dataclass(frozen=True)
+class PallasBackend:
+  """pallas_kernels.gmm with fused dispatch, then pallas_kernels.combine.
+
+  Attributes:
+    settings: pallas_kernels.KernelSettings (target, tiles per pass, interpret);
+      None for the defaults of the running platform.
+  """
+
+  settings: Optional[Any] = None
+  row_multiple: int = dataclasses.field(default=1, init=False)
+
+  def gather_gmm(self, x, row_index, rhs, padded_sizes):
+    import pallas_kernels
+    return pallas_kernels.gmm(x, rhs, padded_sizes, row_index=row_index,
+                              settings=self.settings)
+
+  def gmm_scatter(self, h, rhs, padded_sizes, row_index, weight, num_out):
+    import pallas_kernels
+    out = pallas_kernels.gmm(h, rhs, padded_sizes, settings=self.settings)
+    return pallas_kernels.combine(out, row_index, weight, num_out, settings=self.settings)
 
 
-def create(backend: str, block_size: int = 128):
-  """Backend `backend`; block_size is the row tile of `xla`."""
+BACKENDS = {"xla": XlaBackend, "ragged_dot": RaggedDotBackend, "pallas": PallasBackend,
+            "auto": None}
+
+
+def resolve(backend: str) -> str:
+  """The backend `auto` stands for on the running platform; others unchanged."""
+  if backend != "auto":
+    return backend
+  return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+
+
+def create(backend: str, block_size: int = 128, kernel_settings: Optional[Any] = None):
+  """Backend `backend`; block_size is the row tile of `xla`, kernel_settings
+  (pallas_kernels.KernelSettings) configure `pallas`."""
   validation.one_of("backend", backend, tuple(BACKENDS))
   validation.positive_int("block_size", block_size)
-  return XlaBackend(block_size) if backend == "xla" else BACKENDS[backend]()
+  backend = resolve(backend)
+  if backend == "xla":
+    return XlaBackend(block_size)
+  if backend == "pallas":
+    return PallasBackend(kernel_settings)
+  return BACKENDS[backend]()

@@ -7,14 +7,15 @@
   y[t]          sum over the rows of token t of weight * (h @ W_o[e])  [T, D]
 
 Dispatch and combine go through the backend (dispatch/gmm.py): `xla` fuses both
-into its tiled matmuls, so no [A, D] copy of the tokens is made; `ragged_dot`
-gathers, multiplies and segment-sums. Memory is O(A * F) activations for any E,
+into its tiled matmuls, so no [A, D] copy of the tokens is made; `pallas` reads
+rows by index in its kernel and combines with an atomic-free gather-sum;
+`ragged_dot` gathers, multiplies and segment-sums. Memory is O(A * F) activations for any E,
 and nothing the plan keeps is dropped.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,22 +33,28 @@ class SortedEngine:
   """Sort by expert, grouped matmul, weighted combine.
 
   Attributes:
-    backend: grouped-matmul backend, a key of dispatch.gmm.BACKENDS.
+    backend: grouped-matmul backend, a key of dispatch.gmm.BACKENDS (`auto`:
+      `pallas` on GPU and TPU, `xla` elsewhere).
     block_size: row tile of the `xla` backend.
+    kernel_settings: pallas_kernels.KernelSettings of the `pallas` backend.
   """
 
-  backend: str = "xla"
+  backend: str = "auto"
   block_size: int = 128
+  kernel_settings: Optional[Any] = None
 
   def __post_init__(self):
-    gmm_backends.create(self.backend, self.block_size)  # validates both fields
+    self._backend()  # validates the fields
+
+  def _backend(self):
+    return gmm_backends.create(self.backend, self.block_size, self.kernel_settings)
 
   def __call__(self, x: Array, plan: RoutingPlan, ffn: ExpertFFN,
                capacity: Optional[int] = None) -> Array:
     """x [T, D], plan over A slots -> y [T, D]. `capacity` is not used."""
     del capacity
     num_tokens = x.shape[0]
-    backend = gmm_backends.create(self.backend, self.block_size)
+    backend = self._backend()
     dest, padded_sizes, num_rows = grouping.padded_layout(
         plan.expert, plan.valid, ffn.num_experts, backend.row_multiple)
     row_index = jnp.full((num_rows,), num_tokens, jnp.int32).at[dest].set(
