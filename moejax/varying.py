@@ -35,3 +35,12 @@ def cotangent(ct: Array, primal: Array) -> Array:
   transpose of the implicit broadcast of an unvarying operand."""
   extra = varying_axes(ct) - varying_axes(primal)
   return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def shape_like(shape, dtype, like: Array) -> jax.ShapeDtypeStruct:
+  """ShapeDtypeStruct of a kernel output that varies as `like` does (pallas_call
+  under shard_map needs the output's varying axes spelled out)."""
+  manual = getattr(jax.typeof(like), "manual_axis_type", None)
+  if manual is None:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)

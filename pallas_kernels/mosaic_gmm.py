@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from moejax.varying import shape_like
 from pallas_kernels.metadata import GroupTiles
 from pallas_kernels.tiling import Tiles
 
@@ -105,7 +106,7 @@ def gmm(lhs: Array, rhs: Array, schedule: GroupTiles, row_index, num_rows: int,
   zeros = jnp.zeros((num_rows, num_out), out_dtype)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_rows, num_out), out_dtype),
+      out_shape=shape_like((num_rows, num_out), out_dtype, lhs),
       grid_spec=grid_spec,
       input_output_aliases={7: 0},
       compiler_params=pltpu.CompilerParams(
@@ -155,7 +156,7 @@ def tgmm(lhs: Array, grad: Array, schedule: GroupTiles, row_index, tiles: Tiles,
       scratch_shapes=[pltpu.VMEM((bk, bn), F32)])
   return pl.pallas_call(
       functools.partial(_tgmm_kernel, tiles=tiles),
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=shape_like((num_groups, k, n), out_dtype, lhs),
       grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),

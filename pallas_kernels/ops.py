@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import validation
+from moejax.varying import cotangent, vary_like
 from pallas_kernels import metadata, mosaic_gmm, triton_combine, triton_gmm
 from pallas_kernels.tiling import ALIGN, DEFAULT_TILING, GmmTiling, Tiles, round_up
 from pallas_kernels.triton_combine import CombineTiles
@@ -112,12 +113,21 @@ def _read_rows(x: Array, index: Array) -> Array:
   return x.at[index].get(mode="fill", fill_value=0)
 
 
+def _vary_together(*operands):
+  """Operands made to vary over the same mesh axes (inside shard_map a kernel's
+  operands and outputs share one type; outside it this does nothing)."""
+  present = [a for a in operands if a is not None]
+  return vary_like(operands, *present)
+
+
 # ----------------------------------------------------------------------------
 # Undifferentiated calls: pad, schedule, run the target's kernel.
 
 
 def _gmm_call(lhs, rhs, group_sizes, group_offset, row_index, transpose_rhs: bool,
               tiles: Tiles, s: KernelSettings) -> Array:
+  lhs, rhs, group_sizes, group_offset, row_index = _vary_together(
+      lhs, rhs, group_sizes, group_offset, row_index)
   num_rows = lhs.shape[0] if row_index is None else row_index.shape[0]
   k = lhs.shape[1]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -142,6 +152,8 @@ def _gmm_call(lhs, rhs, group_sizes, group_offset, row_index, transpose_rhs: boo
 
 def _tgmm_call(lhs, grad, group_sizes, group_offset, num_local: int, row_index,
                tiles: Tiles, out_dtype, s: KernelSettings) -> Array:
+  lhs, grad, group_sizes, group_offset, row_index = _vary_together(
+      lhs, grad, group_sizes, group_offset, row_index)
   num_rows, n = grad.shape
   k = lhs.shape[1]
   if s.target == "mosaic" and row_index is not None:
@@ -163,6 +175,7 @@ def _tgmm_call(lhs, grad, group_sizes, group_offset, num_local: int, row_index,
 
 
 def _combine_call(rows, row_index, weight, num_tokens: int, s: KernelSettings) -> Array:
+  rows, row_index, weight = _vary_together(rows, row_index, weight)
   if s.target != "triton":
     y = jax.ops.segment_sum(rows.astype(jnp.float32) * weight[:, None].astype(jnp.float32),
                             row_index, num_segments=num_tokens)
@@ -221,7 +234,7 @@ def _gmm_bwd(transpose_rhs, s, residuals, grad):
   else:
     d_rhs = _tgmm_call(lhs, grad, group_sizes, group_offset, num_local, row_index,
                        s.tiling.rhs_grad, rhs.dtype, s)
-  return d_lhs.astype(lhs.dtype), d_rhs, None, None, None
+  return cotangent(d_lhs.astype(lhs.dtype), lhs), cotangent(d_rhs, rhs), None, None, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -290,7 +303,8 @@ def _combine_bwd(num_tokens, s, residuals, grad):
   dy = _read_rows(grad, row_index).astype(jnp.float32)                  # [R, D]
   d_rows = dy * weight.astype(jnp.float32)[:, None]
   d_weight = jnp.sum(dy * rows.astype(jnp.float32), axis=-1)
-  return d_rows.astype(rows.dtype), None, d_weight.astype(weight.dtype)
+  return (cotangent(d_rows.astype(rows.dtype), rows), None,
+          cotangent(d_weight.astype(weight.dtype), weight))
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from moejax import validation
+from moejax.varying import shape_like
 
 Array = jax.Array
 F32 = jnp.float32
@@ -84,7 +85,7 @@ def combine(rows: Array, bounds: Array, order: Array, token: Array, weight: Arra
   operands = (bounds, order, token, weight, rows)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_tokens, rows.shape[1]), rows.dtype),
+      out_shape=shape_like((num_tokens, rows.shape[1]), rows.dtype, rows),
       grid=(num_tokens // bt, rows.shape[1] // bd),
       in_specs=[_whole(a.shape) for a in operands],
       out_specs=pl.BlockSpec((bt, bd), lambda t, d: (t, d)),

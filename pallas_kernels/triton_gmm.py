@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from moejax.varying import shape_like
 from pallas_kernels.metadata import GroupTiles
 from pallas_kernels.tiling import Tiles
 
@@ -103,7 +104,7 @@ def gmm(lhs: Array, rhs: Array, schedule: GroupTiles, row_index: Array | None,
   operands += [lhs, rhs]
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_rows, num_out), out_dtype),
+      out_shape=shape_like((num_rows, num_out), out_dtype, lhs),
       grid=(num_rows // bm, num_out // bn),
       in_specs=[_whole(a.shape) for a in operands],
       out_specs=pl.BlockSpec((bm, bn), lambda m, n: (m, n)),
@@ -148,7 +149,7 @@ def tgmm(lhs: Array, grad: Array, schedule: GroupTiles, row_index: Array | None,
   operands += [lhs, grad]
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=shape_like((num_groups, k, n), out_dtype, lhs),
       grid=(num_groups, k // bk, n // bn),
       in_specs=[_whole(a.shape) for a in operands],
       out_specs=pl.BlockSpec((None, bk, bn), lambda g, kb, nb: (g, kb, nb)),

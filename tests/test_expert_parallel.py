@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import pallas_kernels
 from moejax import dispatch
 from moejax.core import RoutingPlan
 from moejax.parallel import ExpertParallel, expert_parallel_apply, make_mesh
+from moejax.parallel.sharded import checks_varying_axes
 from tests.helpers import assert_trees_close, random_ffn
 
 T, D, F, E, K = 64, 8, 6, 8, 2
 TOKENS = P(("data", "expert"))
+# The pallas backend in interpret mode, with tiles that split the tiny groups.
+PALLAS = pallas_kernels.KernelSettings(tiling=pallas_kernels.GmmTiling.uniform(8, 8, 8),
+                                       combine_tiles=pallas_kernels.CombineTiles(8, 8, 8))
 
 
 def _inputs(seed=0, skew=False):
@@ -28,7 +33,8 @@ def _inputs(seed=0, skew=False):
 
 
 def _ep(mesh, settings, backend="xla"):
-  engine = dispatch.create("sorted", backend=backend, block_size=8)
+  engine = dispatch.create("sorted", backend=backend, block_size=8,
+                           kernel_settings=PALLAS if backend == "pallas" else None)
 
   def device(x, experts, weights, ffn):
     plan = RoutingPlan.from_topk(experts, weights)
@@ -37,7 +43,8 @@ def _ep(mesh, settings, backend="xla"):
 
   def run(x, experts, weights, ffn):
     return jax.shard_map(device, mesh=mesh, in_specs=(TOKENS, TOKENS, TOKENS, P("expert")),
-                         out_specs=(TOKENS, P()))(x, experts, weights, ffn)
+                         out_specs=(TOKENS, P()),
+                         check_vma=checks_varying_axes(engine))(x, experts, weights, ffn)
   return run
 
 
@@ -61,17 +68,18 @@ SETTINGS = {
 }
 
 
-CASES = ([("fixed", shape) for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (4, 2, 1)]]
-         + [(mode, (2, 4, 1)) for mode in ("ragged", "all_gather", "llep")]
-         + [("all_gather", (1, 8, 1))])
+CASES = ([("fixed", shape, "xla") for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (4, 2, 1)]]
+         + [(mode, (2, 4, 1), "xla") for mode in ("ragged", "all_gather", "llep")]
+         + [("all_gather", (1, 8, 1), "xla")]
+         + [(mode, (2, 4, 1), "pallas") for mode in ("fixed", "llep")])
 
 
-@pytest.mark.parametrize("mode,shape", CASES)
-def test_expert_parallel_equals_one_device(mode, shape):
+@pytest.mark.parametrize("mode,shape,backend", CASES)
+def test_expert_parallel_equals_one_device(mode, shape, backend):
   data, expert, model = shape
   mesh = make_mesh(data, expert, model)
   x, experts, weights, ffn = _inputs(skew=mode == "llep")
-  run = _ep(mesh, SETTINGS[mode])
+  run = _ep(mesh, SETTINGS[mode], backend)
   y, dropped = jax.jit(run)(x, experts, weights, ffn)
   want = _reference(x, experts, weights, ffn)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels
 from moejax import MoE
 from moejax.parallel import ExpertParallel, make_mesh
 from tests.helpers import assert_trees_close
@@ -28,14 +29,23 @@ def _loss_and_grads(layer, variables, x):
       variables["params"], x)
 
 
-@pytest.mark.parametrize("router", ["topk", "expert_choice"])
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)])
-def test_layer_expert_parallel_equals_one_device(router, shape):
+# The pallas backend (interpret mode here) runs with shard_map's varying-axes
+# checks off; (2, 2, 2) also sums the model axis.
+PALLAS = pallas_kernels.KernelSettings(tiling=pallas_kernels.GmmTiling.uniform(8, 8, 8),
+                                       combine_tiles=pallas_kernels.CombineTiles(8, 8, 8))
+
+
+@pytest.mark.parametrize("router,shape,backend", [
+    (router, shape, "xla") for router in ("topk", "expert_choice")
+    for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]]
+    + [("topk", (2, 2, 2), "pallas"), ("expert_choice", (1, 8, 1), "pallas")])
+def test_layer_expert_parallel_equals_one_device(router, shape, backend):
   x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D))
-  reference = _layer(router)
+  reference = _layer(router, backend="xla")
   variables = reference.init(jax.random.PRNGKey(1), x)
   (want_loss, want_metrics), want_grads = _loss_and_grads(reference, variables, x)
-  layer = _layer(router, expert_parallel=ExpertParallel())
+  layer = _layer(router, backend=backend, expert_parallel=ExpertParallel(),
+                 kernel_settings=PALLAS if backend == "pallas" else None)
   with jax.set_mesh(make_mesh(*shape)):
     (loss, got_metrics), grads = _loss_and_grads(layer, variables, x)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
