@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels
 from moejax import grouping
 from moejax.dispatch import gmm as gmm_backends
 from moejax.dispatch import gmm_xla
@@ -20,7 +21,10 @@ from tests.helpers import assert_trees_close
 
 NUM_TOKENS, MODEL_DIM, HIDDEN_DIM, NUM_EXPERTS, NUM_SLOTS = 10, 7, 5, 4, 24
 BACKENDS = {"xla-4": gmm_backends.create("xla", 4), "xla-3": gmm_backends.create("xla", 3),
-            "ragged_dot": gmm_backends.create("ragged_dot")}
+            "ragged_dot": gmm_backends.create("ragged_dot"),
+            "pallas": gmm_backends.create("pallas", kernel_settings=pallas_kernels.KernelSettings(
+                tiling=pallas_kernels.GmmTiling.uniform(8, 8, 8),
+                combine_tiles=pallas_kernels.CombineTiles(8, 8, 8)))}
 
 
 def _layout(expert, valid, multiple, token, weight):
@@ -147,3 +151,16 @@ def test_bfloat16_accumulates_in_float32():
                            padded, 16)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=3e-2)
+
+
+def test_auto_backend_is_xla_on_cpu_and_pallas_on_accelerators(monkeypatch):
+  """`auto` (the layer's default) resolves by platform; named backends stay."""
+  assert gmm_backends.resolve("auto") == "xla"          # this suite runs on CPU
+  assert isinstance(gmm_backends.create("auto", 16), gmm_backends.XlaBackend)
+  for platform in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert gmm_backends.resolve("auto") == "pallas"
+    assert isinstance(gmm_backends.create("auto"), gmm_backends.PallasBackend)
+  assert gmm_backends.resolve("xla") == "xla"
+  with pytest.raises(ValueError, match="backend"):
+    gmm_backends.create("triton")
