@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from moejax import validation
 from moejax.varying import cotangent, vary_like
 from pallas_kernels import metadata, mosaic_gmm, triton_combine, triton_gmm
-from pallas_kernels.tiling import ALIGN, DEFAULT_TILING, GmmTiling, Tiles, round_up
+from pallas_kernels.tiling import ALIGN, DEFAULT_TILING, GmmTiling, Tiles, fit_dim, round_up
 from pallas_kernels.triton_combine import CombineTiles
 
 Array = jax.Array
@@ -80,8 +80,21 @@ class KernelSettings:
     interpret = self.interpret
     if interpret is None:
       interpret = jax.default_backend() not in ("gpu", "tpu")
-    return dataclasses.replace(self, target=target, interpret=interpret,
-                               tiling=self.tiling or DEFAULT_TILING[target])
+    settings = dataclasses.replace(self, target=target, interpret=interpret,
+                                   tiling=self.tiling or DEFAULT_TILING[target])
+    if target == "triton" and not interpret:
+      settings.check_powers_of_two()
+    return settings
+
+  def check_powers_of_two(self):
+    """Triton loads and dots take power-of-two shapes: every tile must be one."""
+    tiles = {f"tiling.{p}.{f.name}": getattr(getattr(self.tiling, p), f.name)
+             for p in ("forward", "lhs_grad", "rhs_grad") for f in dataclasses.fields(Tiles)}
+    tiles.update({f"combine_tiles.{f.name}": getattr(self.combine_tiles, f.name)
+                  for f in dataclasses.fields(CombineTiles)})
+    for name, size in tiles.items():
+      if size & (size - 1):
+        raise ValueError(f"{name} must be a power of two for the triton target, got {size}")
 
   def compiler_params(self):
     if self.interpret or self.target != "triton":
@@ -124,6 +137,18 @@ def _vary_together(*operands):
 # Undifferentiated calls: pad, schedule, run the target's kernel.
 
 
+def _padded(num_rows: int, k: int, n: int, t: Tiles) -> tuple[int, int, int]:
+  return round_up(num_rows, t.block_m), round_up(k, t.block_k), round_up(n, t.block_n)
+
+
+def _pad_rows(lhs, row_index, rows_p: int, k_p: int):
+  """lhs padded to k_p columns, and its rows (or row_index, with -1: no row) to rows_p."""
+  lhs = _pad_axis(lhs, 1, k_p)
+  if row_index is None:
+    return _pad_axis(lhs, 0, rows_p), None
+  return lhs, _pad_axis(row_index.astype(jnp.int32), 0, rows_p, -1)
+
+
 def _gmm_call(lhs, rhs, group_sizes, group_offset, row_index, transpose_rhs: bool,
               tiles: Tiles, s: KernelSettings) -> Array:
   lhs, rhs, group_sizes, group_offset, row_index = _vary_together(
@@ -134,13 +159,8 @@ def _gmm_call(lhs, rhs, group_sizes, group_offset, row_index, transpose_rhs: boo
   if s.target == "mosaic" and row_index is not None:
     lhs, row_index = _read_rows(lhs, row_index), None
   t = tiles.fit(num_rows, k, n, ALIGN[s.target])
-  rows_p, k_p, n_p = (round_up(num_rows, t.block_m), round_up(k, t.block_k),
-                      round_up(n, t.block_n))
-  lhs = _pad_axis(lhs, 1, k_p)
-  if row_index is None:
-    lhs = _pad_axis(lhs, 0, rows_p)
-  else:
-    row_index = _pad_axis(row_index.astype(jnp.int32), 0, rows_p, -1)
+  rows_p, k_p, n_p = _padded(num_rows, k, n, t)
+  lhs, row_index = _pad_rows(lhs, row_index, rows_p, k_p)
   rhs = _pad_axis(_pad_axis(rhs, 1, n_p if transpose_rhs else k_p), 2,
                   k_p if transpose_rhs else n_p)
   schedule = metadata.group_tiles(group_sizes, rows_p, t.block_m, group_offset, rhs.shape[0])
@@ -159,13 +179,8 @@ def _tgmm_call(lhs, grad, group_sizes, group_offset, num_local: int, row_index,
   if s.target == "mosaic" and row_index is not None:
     lhs, row_index = _read_rows(lhs, row_index), None
   t = tiles.fit(num_rows, k, n, ALIGN[s.target])
-  rows_p, k_p, n_p = (round_up(num_rows, t.block_m), round_up(k, t.block_k),
-                      round_up(n, t.block_n))
-  lhs = _pad_axis(lhs, 1, k_p)
-  if row_index is None:
-    lhs = _pad_axis(lhs, 0, rows_p)
-  else:
-    row_index = _pad_axis(row_index.astype(jnp.int32), 0, rows_p, -1)
+  rows_p, k_p, n_p = _padded(num_rows, k, n, t)
+  lhs, row_index = _pad_rows(lhs, row_index, rows_p, k_p)
   grad = _pad_axis(_pad_axis(grad, 0, rows_p), 1, n_p)
   schedule = metadata.group_tiles(group_sizes, rows_p, t.block_m, group_offset, num_local)
   kernels = triton_gmm if s.target == "triton" else mosaic_gmm
@@ -183,9 +198,9 @@ def _combine_call(rows, row_index, weight, num_tokens: int, s: KernelSettings) -
   num_rows, dim = rows.shape
   align = ALIGN["triton"]
   ct = s.combine_tiles
-  t = CombineTiles(min(ct.block_t, Tiles(1, 1, 1).fit(num_tokens, 1, 1, align).block_m),
-                   min(ct.block_s, Tiles(1, 1, 1).fit(num_rows, 1, 1, align).block_m),
-                   min(ct.block_d, Tiles(1, 1, 1).fit(dim, 1, 1, align).block_m))
+  t = CombineTiles(min(ct.block_t, fit_dim(num_tokens, align)),
+                   min(ct.block_s, fit_dim(num_rows, align)),
+                   min(ct.block_d, fit_dim(dim, align)))
   tokens_p, dim_p = round_up(num_tokens, t.block_t), round_up(dim, t.block_d)
   index = row_index.astype(jnp.int32)
   token = jnp.where((index >= 0) & (index < num_tokens), index, tokens_p)

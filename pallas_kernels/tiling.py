@@ -35,7 +35,7 @@ class Tiles:
   def fit(self, m: int, k: int, n: int, align: int = 1) -> "Tiles":
     """These tiles shrunk to the problem: no tile exceeds its dimension (rounded
     up to a power of two no less than `align`)."""
-    return Tiles(*(min(block, _fit_dim(dim, align))
+    return Tiles(*(min(block, fit_dim(dim, align))
                    for block, dim in ((self.block_m, m), (self.block_k, k), (self.block_n, n))))
 
 
@@ -71,7 +71,8 @@ DEFAULT_TILING = {
 ALIGN = {"triton": 16, "mosaic": 8}
 
 
-def _fit_dim(dim: int, align: int) -> int:
+def fit_dim(dim: int, align: int) -> int:
+  """The smallest power of two that is at least dim and at least align."""
   size = max(align, 1)
   while size < dim:
     size *= 2

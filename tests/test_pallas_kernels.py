@@ -288,6 +288,11 @@ def test_bad_settings_name_the_field():
     pk.KernelSettings(tiling=pk.Tiles())
   with pytest.raises(ValueError, match="block_t"):
     pk.CombineTiles(block_t=-1)
+  # Compiled Triton kernels need power-of-two tiles; interpret mode takes any.
+  odd = pk.GmmTiling(forward=pk.Tiles(64, 48, 128))
+  with pytest.raises(ValueError, match="tiling.forward.block_k"):
+    pk.KernelSettings(target="triton", tiling=odd, interpret=False).resolved()
+  assert pk.KernelSettings(target="triton", tiling=odd, interpret=True).resolved().tiling == odd
 
 
 def test_bad_shapes_are_refused():
