@@ -17,7 +17,8 @@ add at most one visit per group. Arrays have that static length; visits past
 With `group_offset` and `num_local`, the groups are group_sizes[offset :
 offset + num_local] (expert parallelism: rhs holds only the local experts),
 while rows keep the global layout, so rows of other groups belong to no local
-group. Rows past the last local group belong to none either.
+group. Rows past the last local group belong to none either, and local groups
+past E (offset + num_local > E) are empty.
 """
 from __future__ import annotations
 
@@ -74,8 +75,11 @@ class GroupTiles:
 def local_group_start(group_sizes: Array, group_offset, num_local: int) -> Array:
   """First row of each of the local groups and the end of the last: int32[G + 1]."""
   sizes = group_sizes.astype(jnp.int32)
-  bounds = jnp.concatenate([exclusive_cumsum(sizes), jnp.sum(sizes, keepdims=True)])
-  offset = jnp.asarray(group_offset, jnp.int32)
+  # Groups past the last one are empty: an offset with offset + G > E reads no
+  # rows there instead of being clamped onto other groups.
+  total = jnp.sum(sizes, keepdims=True)
+  bounds = jnp.concatenate([exclusive_cumsum(sizes), jnp.repeat(total, num_local + 1)])
+  offset = jnp.clip(jnp.asarray(group_offset, jnp.int32), 0, sizes.shape[0])
   return jax.lax.dynamic_slice_in_dim(bounds, offset, num_local + 1)
 
 

@@ -255,6 +255,10 @@ def test_group_tiles_by_hand():
   local = metadata.group_tiles(jnp.array([3, 0, 5, 8]), 24, 4, group_offset=1, num_local=2)
   np.testing.assert_array_equal(local.group_start, [3, 3, 8])
   np.testing.assert_array_equal(local.group_visits, [0, 1, 3])
+  # Local groups past E are empty rather than clamped onto earlier groups:
+  # offset 3 of 4 groups, 3 local -> group 3 [8, 16), then two empty groups at 16.
+  past = metadata.group_tiles(jnp.array([3, 0, 5, 8]), 24, 4, group_offset=3, num_local=3)
+  np.testing.assert_array_equal(past.group_start, [8, 16, 16, 16])
 
 
 @hypothesis.given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=6),
