@@ -99,3 +99,8 @@ def padded_layout(expert: Array, valid: Array, num_experts: int,
   starts = exclusive_cumsum(padded_sizes)
   dest = jnp.where(valid, starts[jnp.where(valid, expert, 0)] + position, num_rows)
   return dest.astype(jnp.int32), padded_sizes.astype(jnp.int32), num_rows
+
+
+def read_rows(x: Array, index: Array) -> Array:
+  """x[index] along the first axis; an index outside x reads a zero row."""
+  return x.at[index].get(mode="fill", fill_value=0)

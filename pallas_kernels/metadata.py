@@ -44,7 +44,6 @@ class GroupTiles:
     visit_tile: int32[V], row tile of each visit.
     visit_active: int32[V], 1 for the first num_visits visits, else 0.
     visit_first: int32[V], 1 where the visit is the first of its row tile.
-    visit_last: int32[V], 1 where the visit is the last of its row tile.
     visit_group_first: int32[V], 1 where the visit is the first of its group.
     visit_group_last: int32[V], 1 where the visit is the last of its group.
     tile_visits: int32[Mt + 1], first visit of each row tile (tiles that no
@@ -57,7 +56,6 @@ class GroupTiles:
   visit_tile: Array
   visit_active: Array
   visit_first: Array
-  visit_last: Array
   visit_group_first: Array
   visit_group_last: Array
   tile_visits: Array
@@ -114,10 +112,10 @@ def group_tiles(group_sizes: Array, num_rows: int, block_m: int, group_offset=0,
 
   tile_visits = jnp.searchsorted(jnp.where(active, tile, num_tiles),
                                  jnp.arange(num_tiles + 1), side="left").astype(jnp.int32)
-  tile_first, tile_last = first_and_last(tile)
+  tile_first, _ = first_and_last(tile)
   group_first, group_last = first_and_last(group)
   return GroupTiles(
       group_start=start.astype(jnp.int32), visit_group=group, visit_tile=tile,
-      visit_active=as_int(active), visit_first=tile_first, visit_last=tile_last,
+      visit_active=as_int(active), visit_first=tile_first,
       visit_group_first=group_first, visit_group_last=group_last, tile_visits=tile_visits,
       group_visits=group_visits.astype(jnp.int32))

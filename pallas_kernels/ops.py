@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import validation
+from moejax.grouping import read_rows
 from moejax.varying import cotangent, vary_like
 from pallas_kernels import metadata, mosaic_gmm, triton_combine, triton_gmm
 from pallas_kernels.tiling import ALIGN, DEFAULT_TILING, GmmTiling, Tiles, fit_dim, round_up
@@ -122,9 +123,6 @@ def _outside_as(index: Array, size: int) -> Array:
   return jnp.where((index >= 0) & (index < size), index, size)
 
 
-def _read_rows(x: Array, index: Array) -> Array:
-  return x.at[index].get(mode="fill", fill_value=0)
-
 
 def _vary_together(*operands):
   """Operands made to vary over the same mesh axes (inside shard_map a kernel's
@@ -157,7 +155,7 @@ def _gmm_call(lhs, rhs, group_sizes, group_offset, row_index, transpose_rhs: boo
   k = lhs.shape[1]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   if s.target == "mosaic" and row_index is not None:
-    lhs, row_index = _read_rows(lhs, row_index), None
+    lhs, row_index = read_rows(lhs, row_index), None
   t = tiles.fit(num_rows, k, n, ALIGN[s.target])
   rows_p, k_p, n_p = _padded(num_rows, k, n, t)
   lhs, row_index = _pad_rows(lhs, row_index, rows_p, k_p)
@@ -177,7 +175,7 @@ def _tgmm_call(lhs, grad, group_sizes, group_offset, num_local: int, row_index,
   num_rows, n = grad.shape
   k = lhs.shape[1]
   if s.target == "mosaic" and row_index is not None:
-    lhs, row_index = _read_rows(lhs, row_index), None
+    lhs, row_index = read_rows(lhs, row_index), None
   t = tiles.fit(num_rows, k, n, ALIGN[s.target])
   rows_p, k_p, n_p = _padded(num_rows, k, n, t)
   lhs, row_index = _pad_rows(lhs, row_index, rows_p, k_p)
@@ -243,7 +241,7 @@ def _gmm_bwd(transpose_rhs, s, residuals, grad):
     d_lhs = _combine_call(d_rows, row_index, ones, lhs.shape[0], s)
   num_local = rhs.shape[0]
   if transpose_rhs:   # d W^T[g] = grad_g^T rows_g
-    rows = lhs if row_index is None else _read_rows(lhs, row_index)
+    rows = lhs if row_index is None else read_rows(lhs, row_index)
     d_rhs = _tgmm_call(grad, rows, group_sizes, group_offset, num_local, None,
                        s.tiling.rhs_grad, rhs.dtype, s)
   else:
@@ -315,7 +313,7 @@ def _combine_fwd(rows, row_index, weight, num_tokens, s):
 def _combine_bwd(num_tokens, s, residuals, grad):
   del num_tokens, s
   rows, row_index, weight = residuals
-  dy = _read_rows(grad, row_index).astype(jnp.float32)                  # [R, D]
+  dy = read_rows(grad, row_index).astype(jnp.float32)                  # [R, D]
   d_rows = dy * weight.astype(jnp.float32)[:, None]
   d_weight = jnp.sum(dy * rows.astype(jnp.float32), axis=-1)
   return (cotangent(d_rows.astype(rows.dtype), rows), None,

@@ -29,8 +29,7 @@ class Tiles:
   block_n: int = 128
 
   def __post_init__(self):
-    for name in ("block_m", "block_k", "block_n"):
-      validation.positive_int(name, getattr(self, name))
+    validation.positive_fields(self, ("block_m", "block_k", "block_n"))
 
   def fit(self, m: int, k: int, n: int, align: int = 1) -> "Tiles":
     """These tiles shrunk to the problem: no tile exceeds its dimension (rounded

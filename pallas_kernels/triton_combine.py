@@ -35,8 +35,7 @@ class CombineTiles:
   block_d: int = 128
 
   def __post_init__(self):
-    for name in ("block_t", "block_s", "block_d"):
-      validation.positive_int(name, getattr(self, name))
+    validation.positive_fields(self, ("block_t", "block_s", "block_d"))
 
 
 def _whole(shape):

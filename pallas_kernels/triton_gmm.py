@@ -95,21 +95,11 @@ def gmm(lhs: Array, rhs: Array, schedule: GroupTiles, row_index: Array | None,
   """out [num_rows, N]; lhs [M or N_src, K], rhs [G, K, N] ([G, N, K] transposed)."""
   bm, bn = tiles.block_m, tiles.block_n
   num_out = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  gathered = row_index is not None
   kernel = functools.partial(_gmm_kernel, tiles=tiles, transpose_rhs=transpose_rhs)
-  if not gathered:
-    kernel = _without_row_index(kernel, 3)
-  operands = [schedule.group_start, schedule.visit_group, schedule.tile_visits]
-  operands += [row_index] if gathered else []
-  operands += [lhs, rhs]
-  return pl.pallas_call(
-      kernel,
-      out_shape=shape_like((num_rows, num_out), out_dtype, lhs),
-      grid=(num_rows // bm, num_out // bn),
-      in_specs=[_whole(a.shape) for a in operands],
-      out_specs=pl.BlockSpec((bm, bn), lambda m, n: (m, n)),
-      interpret=interpret, compiler_params=compiler_params,
-      name="moejax_gmm")(*operands)
+  return _call(kernel, [schedule.group_start, schedule.visit_group, schedule.tile_visits],
+               row_index, [lhs, rhs], shape_like((num_rows, num_out), out_dtype, lhs),
+               (num_rows // bm, num_out // bn), pl.BlockSpec((bm, bn), lambda m, n: (m, n)),
+               interpret, compiler_params, "moejax_gmm")
 
 
 def _tgmm_kernel(start_ref, visit_tile_ref, group_visits_ref, row_index_ref, lhs_ref,
@@ -140,25 +130,25 @@ def tgmm(lhs: Array, grad: Array, schedule: GroupTiles, row_index: Array | None,
   """d W [G, K, N] from lhs [M or N_src, K] and grad [M, N]."""
   bk, bn = tiles.block_k, tiles.block_n
   num_groups, k, n = schedule.num_groups, lhs.shape[1], grad.shape[1]
-  gathered = row_index is not None
-  kernel = functools.partial(_tgmm_kernel, tiles=tiles)
-  if not gathered:
-    kernel = _without_row_index(kernel, 3)
-  operands = [schedule.group_start, schedule.visit_tile, schedule.group_visits]
-  operands += [row_index] if gathered else []
-  operands += [lhs, grad]
+  return _call(functools.partial(_tgmm_kernel, tiles=tiles),
+               [schedule.group_start, schedule.visit_tile, schedule.group_visits],
+               row_index, [lhs, grad], shape_like((num_groups, k, n), out_dtype, lhs),
+               (num_groups, k // bk, n // bn),
+               pl.BlockSpec((None, bk, bn), lambda g, kb, nb: (g, kb, nb)),
+               interpret, compiler_params, "moejax_tgmm")
+
+
+def _call(kernel, schedule_arrays, row_index, arrays, out_shape, grid, out_spec, interpret,
+          compiler_params, name):
+  """pallas_call of kernel(*schedule_refs, row_index_ref, *array_refs, out_ref), every
+  input whole; without row_index the kernel gets None in its place."""
+  if row_index is None:
+    position = len(schedule_arrays)
+    body = lambda *refs: kernel(*refs[:position], None, *refs[position:])
+    operands = [*schedule_arrays, *arrays]
+  else:
+    body, operands = kernel, [*schedule_arrays, row_index, *arrays]
   return pl.pallas_call(
-      kernel,
-      out_shape=shape_like((num_groups, k, n), out_dtype, lhs),
-      grid=(num_groups, k // bk, n // bn),
-      in_specs=[_whole(a.shape) for a in operands],
-      out_specs=pl.BlockSpec((None, bk, bn), lambda g, kb, nb: (g, kb, nb)),
-      interpret=interpret, compiler_params=compiler_params,
-      name="moejax_tgmm")(*operands)
-
-
-def _without_row_index(kernel, position: int):
-  """The kernel with `None` passed for its row_index ref at `position`."""
-  def wrapped(*refs):
-    return kernel(*refs[:position], None, *refs[position:])
-  return wrapped
+      body, out_shape=out_shape, grid=grid, in_specs=[_whole(a.shape) for a in operands],
+      out_specs=out_spec, interpret=interpret, compiler_params=compiler_params,
+      name=name)(*operands)

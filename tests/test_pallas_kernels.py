@@ -260,7 +260,6 @@ def test_group_tiles_by_hand():
   np.testing.assert_array_equal(schedule.visit_tile, [0, 0, 0, 1, 2, 3, 3, 3, 3, 3])
   np.testing.assert_array_equal(schedule.visit_active, [1] * 6 + [0] * 4)
   np.testing.assert_array_equal(schedule.visit_first, [1, 0, 0, 1, 1, 1, 0, 0, 0, 0])
-  np.testing.assert_array_equal(schedule.visit_last, [0, 0, 1, 1, 1, 1, 0, 0, 0, 0])
   np.testing.assert_array_equal(schedule.visit_group_first, [1, 1, 1, 0, 1, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(schedule.visit_group_last, [1, 1, 0, 1, 0, 1, 0, 0, 0, 0])
   np.testing.assert_array_equal(schedule.tile_visits, [0, 3, 4, 5, 6, 6, 6])

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from moejax.grouping import exclusive_cumsum
+from moejax.grouping import exclusive_cumsum, read_rows
 from moejax.varying import cotangent, vary_like
 
 Array = jax.Array
@@ -63,9 +63,6 @@ def _zeros(shape, dtype, *operands: Array) -> Array:
   shard_map loop carry must keep the type of the body's result)."""
   return vary_like(jnp.zeros(shape, dtype), *operands)
 
-
-def _read_rows(x: Array, index: Array) -> Array:
-  return x.at[index].get(mode="fill", fill_value=0)
 
 
 def _tile(a: Array, row, size: int) -> Array:
@@ -102,7 +99,7 @@ def gather_gmm(x: Array, row_index: Array, rhs: Array, padded_sizes: Array,
     w = _operand(rhs[e])
 
     def visit(row, size, out):
-      rows = _read_rows(x, _tile(row_index, row, size))
+      rows = read_rows(x, _tile(row_index, row, size))
       return _put_tile(out, _dot(rows, w), row)
     return tiled(visit, out)
 
@@ -127,7 +124,7 @@ def _gather_gmm_bwd(block_size, residuals, grad):
       index = _tile(row_index, row, size)
       g = _tile(grad, row, size)
       d_x = d_x.at[index].add(_dot(g, w_t), mode="drop")
-      return d_x, acc + _dot(_read_rows(x, index).T, g)
+      return d_x, acc + _dot(read_rows(x, index).T, g)
     d_x, acc = tiled(visit, (d_x, _zeros(rhs.shape[1:], F32, *operands)))
     return d_x, d_rhs.at[e].set(acc.astype(d_rhs.dtype))
 
@@ -176,7 +173,7 @@ def _gmm_scatter_bwd(num_out, block_size, residuals, grad):
 
     def visit(row, size, c):
       d_h, d_weight, acc = c
-      g = _read_rows(grad, _tile(row_index, row, size))
+      g = read_rows(grad, _tile(row_index, row, size))
       scale = _tile(weight, row, size).astype(F32)[:, None]
       h_tile = _tile(h, row, size)
       g_w = _dot(g, w_t)                                    # [size, F]

@@ -48,9 +48,6 @@ def _all_to_all(a: Array, axis_name: str) -> Array:
   return jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
 
 
-def _read_rows(x: Array, index: Array) -> Array:
-  return x.at[index].get(mode="fill", fill_value=0)
-
 
 def fixed_exchange(x: Array, token: Array, dest: Array, local_expert: Array, keep: Array,
                    capacity: int, axis_name: str) -> Received:
@@ -67,14 +64,14 @@ def fixed_exchange(x: Array, token: Array, dest: Array, local_expert: Array, kee
     buffer = jnp.full((slots + 1,) + values.shape[1:], fill, values.dtype)
     return buffer.at[flat].set(values)[:slots].reshape((num_devices, capacity) + values.shape[1:])
 
-  rows = _read_rows(x, to_buffer(token, x.shape[0]))                # [n, C, D], no [A, D] copy
+  rows = grouping.read_rows(x, to_buffer(token, x.shape[0]))                # [n, C, D], no [A, D] copy
   rows = _all_to_all(rows, axis_name).reshape(slots, x.shape[-1])
   expert = _all_to_all(to_buffer(local_expert, 0), axis_name).reshape(slots)
   valid = _all_to_all(to_buffer(kept, False), axis_name).reshape(slots)
 
   def give_back(out):
     back = _all_to_all(out.reshape(num_devices, capacity, -1), axis_name)
-    return _read_rows(back.reshape(slots, -1), flat)
+    return grouping.read_rows(back.reshape(slots, -1), flat)
   return Received(rows, expert.astype(jnp.int32), valid, kept, give_back)
 
 
@@ -107,12 +104,12 @@ def ragged_exchange(x: Array, token: Array, dest: Array, local_expert: Array, ke
     return ragged_all_to_all(operand, output, offset[:, me], sent[:, me], start[:, me],
                              sent[me], axis_name)
 
-  rows = exchange(_read_rows(x, pack(token, x.shape[0])), receive_rows)
+  rows = exchange(grouping.read_rows(x, pack(token, x.shape[0])), receive_rows)
   expert = exchange(pack(local_expert, 0), receive_rows)
   valid = jnp.arange(receive_rows) < jnp.sum(sent[:, me])
 
   def give_back(out):
-    return _read_rows(exchange(out, num_slots, reverse=True), jnp.where(kept, packed, num_slots))
+    return grouping.read_rows(exchange(out, num_slots, reverse=True), jnp.where(kept, packed, num_slots))
   return Received(rows, expert.astype(jnp.int32), valid, kept, give_back)
 
 
@@ -139,7 +136,7 @@ def ragged_all_to_all(operand: Array, output: Array, input_offsets: Array,
   rows = operand.shape[0]
   i = jnp.arange(rows)
   index = jnp.where(i[None, :] < send_sizes[:, None], input_offsets[:, None] + i[None, :], rows)
-  chunks = _all_to_all(_read_rows(operand, index), axis_name)                 # [n, rows, ...]
+  chunks = _all_to_all(grouping.read_rows(operand, index), axis_name)                 # [n, rows, ...]
   where = _all_to_all(output_offsets.reshape(num_devices, 1), axis_name)      # [n, 1]
   target = jnp.where(i[None, :] < recv_sizes[:, None], where + i[None, :], output.shape[0])
   return output.at[target.reshape(-1)].set(
