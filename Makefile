@@ -1,11 +1,29 @@
 # Two commands on a fresh clone: `make run` and `make test`.
+# `make test-latest` runs the core tests again on Python 3.12 with the newest JAX,
+# flax, optax and orbax the registry serves (what accelerator machines run).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/lm_tiny
 
-.PHONY: run demo test install bench clean
+VENV_LATEST := .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+STAMP_LATEST := $(VENV_LATEST)/.installed
+# Python 3.12: python3.12 on PATH, else pyenv's newest 3.12.x (its shim needs
+# PYENV_VERSION when 3.12 is not the selected version). Override with PYTHON_LATEST=.
+PYTHON_LATEST ?= $(shell \
+  pyenv_312=$$(pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -n 1); \
+  for py in python3.12 $$(pyenv root 2>/dev/null)/versions/$$pyenv_312/bin/python3.12; do \
+    found=$$(PYENV_VERSION=$$pyenv_312 $$py -c 'import sys; print(sys.executable if sys.version_info[:2] == (3, 12) else "")' 2>/dev/null); \
+    if [ -n "$$found" ]; then echo $$found; break; fi; \
+  done)
+LATEST_TESTS := tests/test_engines.py tests/test_layer.py tests/test_gmm.py \
+  tests/test_pallas_kernels.py tests/test_lowering.py tests/test_expert_parallel.py \
+  tests/test_expert_parallel_layer.py tests/test_multiprocess.py tests/test_device_check.py \
+  tests/test_train.py::test_loss_decreases_and_run_leaves_its_outputs
+
+.PHONY: run demo test test-latest install install-latest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +44,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+$(PY_LATEST):
+	@if [ -z "$(PYTHON_LATEST)" ]; then \
+	  echo "make test-latest: no Python 3.12 found (tried python3.12 on PATH and pyenv's 3.12.x); install one or pass PYTHON_LATEST=/path/to/python3.12" >&2; \
+	  exit 1; fi
+	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install --quiet --upgrade pip
+
+$(STAMP_LATEST): setup.py | $(PY_LATEST)
+	$(PY_LATEST) -m pip install --quiet --upgrade -e '.[data,dev]' jax jaxlib flax optax orbax-checkpoint
+	$(PY_LATEST) -c "import sys, jax, flax, optax, orbax.checkpoint as ocp; print('test-latest: Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax-checkpoint', ocp.__version__)"
+	touch $(STAMP_LATEST)
+
+install-latest: $(STAMP_LATEST)
+
+test-latest: $(STAMP_LATEST)
+	$(PY_LATEST) -m pytest -q $(LATEST_TESTS)
+
 bench: $(STAMP)
 	$(PY) experiments/bench_layer.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_LATEST) *.egg-info .pytest_cache .hypothesis

@@ -50,6 +50,12 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer="byte",
       tokenizer_model="",
       seq_len=128,
+      # The data is read as this many independent streams (source[s::S], each
+      # shuffled and packed on its own), every batch taking B/S rows of each in
+      # order; each process reads its S/n streams. The batches depend on S, not on
+      # the process count n, and a checkpoint resumes under any n dividing S.
+      # 1: one stream, one process; a multi-process run needs a multiple of n.
+      input_shards=1,
   ))
 
   config.model = ml_collections.ConfigDict(dict(

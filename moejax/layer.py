@@ -94,8 +94,9 @@ class MoE(nn.Module):
     router: a name in moejax.routers.names().
     router_kwargs: the router's own settings (e.g. score='sigmoid').
     engine: `sorted` (dropless, default), `einsum` or `loop` (the oracle).
-    backend: grouped-matmul backend of `sorted`: `auto` (default: `pallas` on
-      GPU and TPU, `xla` elsewhere), `xla`, `pallas` or `ragged_dot`.
+    backend: grouped-matmul backend of `sorted`: `auto` (default: the backend
+      checked on the running platform, dispatch.gmm.AUTO_BACKEND), `xla`,
+      `pallas` or `ragged_dot`.
     block_size: row tile of the `xla` backend.
     kernel_settings: pallas_kernels.KernelSettings of the `pallas` backend
       (target, tiles per pass); None for the platform's defaults.

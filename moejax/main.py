@@ -12,8 +12,10 @@ Multi-host: pass --distributed (or set MOEJAX_DISTRIBUTED=1) to call
 jax.distributed.initialize() before anything else. On Cloud TPU and under SLURM
 it finds the cluster by itself; elsewhere give --coordinator_address,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID). Every process runs the same command; each reads its own slice
-of the data (grain, source[process_index::process_count]).
+JAX_PROCESS_ID). Every process runs the same command, with data.input_shards a
+multiple of the process count; each reads only its own input shards, and the
+global batches are those of a single process with the same data.input_shards.
+On CPU the processes' collectives go through gloo (JAX's default).
 """
 from __future__ import annotations
 

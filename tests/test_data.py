@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
 
 from moejax import data
-from moejax.data import builders, pipeline, stdlib_text, synthetic_domains
+from moejax.data import builders, stdlib_text, synthetic_domains
 
 
 def test_byte_tokenizer_round_trip_and_bytes():
@@ -133,22 +134,100 @@ def test_pipeline_is_deterministic_and_resumable(tfds_dir):
   np.testing.assert_array_equal([next(restored)["tokens"] for _ in range(3)], expected)
 
 
-def test_eval_pass_reads_every_token_once(tfds_dir):
-  """Without shuffling, the pipeline packs each validation document exactly once."""
-  spec = _spec(tfds_dir, split="validation", shuffle=False, seq_len=255, batch_size=8)
+@pytest.mark.parametrize("input_shards", [1, 4])
+def test_eval_pass_reads_every_token_once(tfds_dir, input_shards):
+  """Without shuffling, the pipeline packs each validation document exactly once;
+  shards that run out before others give padding rows (segment 0)."""
+  spec = _spec(tfds_dir, split="validation", shuffle=False, seq_len=255, batch_size=8,
+               input_shards=input_shards)
   source = builders.load("synthetic_domains", tfds_dir).as_data_source("validation")
   expected = sum(len(source[i]["text"]) + 2 for i in range(len(source)))  # + bos, eos
-  seen = sum(int(np.sum(b["tokens_segment_ids"] > 0)) for b in data.make_dataset(spec))
-  assert seen == expected
+  iterator = iter(data.make_dataset(spec))
+  batches = list(iterator)
+  assert sum(int(np.sum(b["tokens_segment_ids"] > 0)) for b in batches) == expected
+  padding = iterator.padding()
+  for key, value in batches[0].items():
+    assert padding[key].shape == value.shape == (8, 256) and padding[key].dtype == value.dtype
+    assert not padding[key].any()
+  assert sorted(padding) == sorted(batches[-1])
 
 
-def test_processes_read_disjoint_shards(tfds_dir, monkeypatch):
-  rows = {}
-  for index in range(2):
-    monkeypatch.setattr(pipeline, "_process_slice", lambda index=index: (index, 2))
-    spec = _spec(tfds_dir, split="validation", shuffle=False, seq_len=1023, batch_size=1)
-    rows[index] = {b["tokens"][0, :40].tobytes() for b in data.make_dataset(spec)}
-  assert rows[0] and rows[1] and not rows[0] & rows[1]
+class _RecordingSource:
+  """A data source that records which records are read."""
+
+  def __init__(self, source):
+    self.source, self.read = source, set()
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    self.read.add(int(index))
+    return self.source[index]
+
+
+def _read(spec, process, monkeypatch, batches: int = 3):
+  """(shards, first batches, indices of the records read) of one process."""
+  sources = []
+
+  def recording(builder, split, real=builders.data_source):
+    sources.append(_RecordingSource(real(builder, split)))
+    return sources[-1]
+
+  monkeypatch.setattr(builders, "data_source", recording)
+  dataset = data.make_dataset(spec, process=process)
+  return dataset.shards, [b for _, b in zip(range(batches), dataset)], sources[0].read
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_processes_read_their_own_shards_into_one_global_batch(tfds_dir, monkeypatch,
+                                                               shuffle):
+  """S = 4 input shards of a batch of 8 rows: process p of n reads only records
+  s::4 of its shards s in [4p/n, 4(p+1)/n), and the processes' batches, stacked
+  in process order, are the batches of a single process."""
+  spec = _spec(tfds_dir, split="train" if shuffle else "validation", shuffle=shuffle,
+               batch_size=8, input_shards=4)
+  _, whole, _ = _read(spec, (0, 1), monkeypatch)
+  for count in (2, 4):
+    reads, parts = [], []
+    for index in range(count):
+      shards, batches, read = _read(spec, (index, count), monkeypatch)
+      assert shards == tuple(range(4 * index // count, 4 * (index + 1) // count))
+      assert read and {i % 4 for i in read} == set(shards)
+      assert all(b["tokens"].shape == (8 // count, 32) for b in batches)
+      reads.append(read)
+      parts.append(batches)
+    assert sum(map(len, reads)) == len(set().union(*reads))        # disjoint
+    for step, batch in enumerate(whole):
+      for key, value in batch.items():
+        np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), value)
+
+
+def test_shard_positions_restore_under_another_process_count(tfds_dir):
+  """The positions two processes reach (one grain state per shard, through JSON as
+  in a checkpoint) put a single process at the same next global batch."""
+  spec = _spec(tfds_dir, batch_size=8, input_shards=4)
+  halves = [iter(data.make_dataset(spec, process=(i, 2))) for i in range(2)]
+  for iterator in halves:
+    next(iterator)
+    next(iterator)
+  states = {int(s): v for h in halves for s, v in json.loads(json.dumps(h.get_state())).items()}
+  one = iter(data.make_dataset(spec, process=(0, 1)))
+  one.set_state(states)
+  for _ in range(2):
+    batch, parts = next(one), [next(h) for h in halves]
+    for key, value in batch.items():
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
+
+
+@pytest.mark.parametrize("input_shards,process_count,message", [
+    (3, 1, r"data\.input_shards \(3\) must divide the batch size \(4\)"),
+    (1, 2, r"data\.input_shards \(1\) must be a multiple of the process count \(2\)"),
+    (0, 1, r"data\.input_shards must be an integer >= 1"),
+])
+def test_bad_input_shards_name_the_field(tfds_dir, input_shards, process_count, message):
+  with pytest.raises(ValueError, match=message):
+    data.make_dataset(_spec(tfds_dir, input_shards=input_shards), process=(0, process_count))
 
 
 def test_unknown_text_key_names_the_field(tfds_dir):

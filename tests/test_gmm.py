@@ -153,14 +153,17 @@ def test_bfloat16_accumulates_in_float32():
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=3e-2)
 
 
-def test_auto_backend_is_xla_on_cpu_and_pallas_on_accelerators(monkeypatch):
-  """`auto` (the layer's default) resolves by platform; named backends stay."""
+def test_auto_backend_follows_the_checked_table(monkeypatch):
+  """`auto` (the layer's default) resolves by platform through AUTO_BACKEND (held to
+  the device-check results by tests/test_device_check.py); named backends stay."""
   assert gmm_backends.resolve("auto") == "xla"          # this suite runs on CPU
   assert isinstance(gmm_backends.create("auto", 16), gmm_backends.XlaBackend)
-  for platform in ("gpu", "tpu"):
-    monkeypatch.setattr(jax, "default_backend", lambda: platform)
-    assert gmm_backends.resolve("auto") == "pallas"
-    assert isinstance(gmm_backends.create("auto"), gmm_backends.PallasBackend)
+  monkeypatch.setitem(gmm_backends.AUTO_BACKEND, "gpu", "pallas")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert gmm_backends.resolve("auto") == "pallas"
+  assert isinstance(gmm_backends.create("auto"), gmm_backends.PallasBackend)
+  monkeypatch.setattr(jax, "default_backend", lambda: "rocm_or_other")
+  assert gmm_backends.resolve("auto") == "xla"           # a platform not in the table
   assert gmm_backends.resolve("xla") == "xla"
   with pytest.raises(ValueError, match="backend"):
     gmm_backends.create("triton")

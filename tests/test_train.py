@@ -225,10 +225,48 @@ def test_missing_dataset_is_one_line(tmp_path):
     ({"data.seq_len": 0}, "data.seq_len"),
     ({"moe.num_experts": 0}, "num_experts"),
     ({"model.num_heads": 5}, "model.num_heads"),
+    ({"data.input_shards": 3}, "data.input_shards"),
+    ({"data.input_shards": 16}, "data.input_shards"),
 ])
 def test_setup_check_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     setup.check(tiny_config("/nonexistent", **overrides))
+
+
+def test_input_shards_must_be_a_multiple_of_the_process_count():
+  config = tiny_config("/nonexistent", **{"data.input_shards": 2})
+  setup.check(config, num_devices=8, num_processes=2)
+  with pytest.raises(ValueError, match=r"data\.input_shards \(2\) must be a multiple of "
+                                       r"the process count \(4\)"):
+    setup.check(config, num_devices=8, num_processes=4)
+
+
+def test_data_position_saved_by_two_processes_restores_in_one(tfds_dir, tmp_path):
+  """Each process writes the positions of its own input shards; one process that
+  reads all shards restores them and continues with the same global batches. A
+  checkpoint of another shard count fails naming data.input_shards."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from moejax.data import make_dataset  # pylint: disable=g-import-not-at-top
+  from moejax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tfds_dir, **{"data.input_shards": 4})
+  spec = setup.pipeline_spec(config, "train", training=True)
+  handler, directory = checkpoints.InputShardsHandler(), epath.Path(tmp_path)
+  halves = [iter(make_dataset(spec, process=(i, 2))) for i in range(2)]
+  for half in halves:
+    next(half)
+    handler.save(directory, checkpoints.InputShardsSave(half))
+  assert sorted(p.name for p in directory.iterdir()) == [
+      f"shard_0000{s}-of-00004.json" for s in range(4)]
+  one = handler.restore(directory, checkpoints.InputShardsRestore(
+      iter(make_dataset(spec, process=(0, 1)))))
+  batch, parts = next(one), [next(half) for half in halves]
+  for key, value in batch.items():
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
+  other = setup.pipeline_spec(tiny_config(tfds_dir, **{"data.input_shards": 2}), "train",
+                              training=True)
+  with pytest.raises(ValueError, match=r"data\.input_shards: .* no position for input shard 0 "
+                                       r"of 2"):
+    handler.restore(directory, checkpoints.InputShardsRestore(iter(make_dataset(other))))
 
 
 def test_gradient_accumulation_equals_the_full_batch(tfds_dir):

@@ -20,7 +20,11 @@ zeros and gmm_scatter ignores them.
   pallas      our kernels (pallas_kernels): grouped matmul reading rows by index,
               atomic-free weighted combine, grouped backward; contiguous groups.
               Triton on GPU, Mosaic on TPU, interpret mode on CPU (slow: tests).
-  auto        `pallas` on GPU and TPU, `xla` elsewhere.
+  auto        per platform, AUTO_BACKEND: a backend that passed
+              experiments/device_check.py on that platform (the fastest where
+              timings exist); until a platform has such results, `xla`, whose
+              correctness rests on XLA alone, not on a kernel compiler that has
+              not run our kernels.
 """
 from __future__ import annotations
 
@@ -105,11 +109,18 @@ BACKENDS = {"xla": XlaBackend, "ragged_dot": RaggedDotBackend, "pallas": PallasB
             "auto": None}
 
 
+# What `auto` stands for on each JAX platform. An entry other than `xla` needs a
+# committed experiments/results/device_*.jsonl of that platform in which the
+# backend passed every correctness line (tests/test_device_check.py holds this
+# table to those files); the README's backend table names the device and date.
+AUTO_BACKEND = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+
+
 def resolve(backend: str) -> str:
   """The backend `auto` stands for on the running platform; others unchanged."""
   if backend != "auto":
     return backend
-  return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  return AUTO_BACKEND.get(jax.default_backend(), "xla")
 
 
 def create(backend: str, block_size: int = 128, kernel_settings: Optional[Any] = None):

@@ -34,7 +34,7 @@ class SortedEngine:
 
   Attributes:
     backend: grouped-matmul backend, a key of dispatch.gmm.BACKENDS (`auto`:
-      `pallas` on GPU and TPU, `xla` elsewhere).
+      the backend checked on the running platform, dispatch.gmm.AUTO_BACKEND).
     block_size: row tile of the `xla` backend.
     kernel_settings: pallas_kernels.KernelSettings of the `pallas` backend.
   """

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from moejax import routers, validation
-from moejax.data.pipeline import PipelineSpec
+from moejax.data.pipeline import PipelineSpec, check_shards
 from moejax.layer import LAYER_LOSSES, MoE
 from moejax.models import TransformerLM
-from moejax.parallel import ExpertParallel, sharded
+from moejax.parallel import BATCH_AXES, ExpertParallel, make_mesh, sharded
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_FIELDS = ("num_experts", "hidden_dim", "top_k", "router", "engine", "backend",
@@ -195,18 +195,37 @@ def mesh_shape(config, num_devices: Optional[int] = None) -> tuple[int, int, int
 
 
 def pipeline_spec(config, split: str, training: bool) -> PipelineSpec:
+  """The global batches of `split`: train.batch_size rows (shuffled, repeated) in
+  training, else train.eval_batch_size rows (one ordered pass)."""
   d, t = config.data, config.train
-  per_process = t.batch_size // jax.process_count()
   return PipelineSpec(
       name=d.name, data_dir=d.data_dir, split=split, seq_len=d.seq_len,
-      batch_size=per_process if training else t.eval_batch_size // jax.process_count(),
+      batch_size=t.batch_size if training else t.eval_batch_size,
       seed=config.seed, shuffle=training, text_key=d.text_key,
-      domain_key=d.get("domain_key") or None)
+      domain_key=d.get("domain_key") or None, input_shards=d.input_shards)
 
 
-def check(config, num_devices: Optional[int] = None) -> None:
-  """Validates the config for `num_devices` (default: this process's devices);
-  raises ValueError naming the first bad field."""
+def check_process_rows(mesh, rows: int) -> None:
+  """Raises ValueError unless this process's devices hold rows [p·B/n, (p+1)·B/n)
+  of a batch of B = `rows` split over the mesh's batch axes: the rows of its input
+  shards, which jax.make_array_from_process_local_data fills from its batch."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+  held = set()
+  for index in sharding.addressable_devices_indices_map((rows,)).values():
+    held.update(range(*index[0].indices(rows)))
+  n, p = jax.process_count(), jax.process_index()
+  start, stop = p * rows // n, (p + 1) * rows // n
+  if held != set(range(start, stop)):
+    raise ValueError(f"mesh: the devices of process {p} of {n} hold batch rows "
+                     f"{sorted(held)}, not rows [{start}, {stop}) of its input shards; "
+                     "mesh.model must stay within a process")
+
+
+def check(config, num_devices: Optional[int] = None,
+          num_processes: Optional[int] = None) -> None:
+  """Validates the config for `num_devices` devices over `num_processes` processes
+  (default: this job's); raises ValueError naming the first bad field."""
   validation.positive_int("seed", config.seed, minimum=0)
   d, t = config.data, config.train
   if not d.name:
@@ -232,6 +251,11 @@ def check(config, num_devices: Optional[int] = None) -> None:
   if t.eval_batch_size % data_parallel:
     raise ValueError(f"train.eval_batch_size ({t.eval_batch_size}) must divide over "
                      f"mesh.data * mesh.expert = {data_parallel} devices")
+  num_processes = jax.process_count() if num_processes is None else num_processes
+  check_shards(d.input_shards, t.batch_size, num_processes, "train.batch_size")
+  check_shards(d.input_shards, t.eval_batch_size, num_processes, "train.eval_batch_size")
+  if num_devices is None:
+    check_process_rows(make_mesh(data, expert, model_axis), t.batch_size)
   model = build_model(config)
   if model.moe is not None and model.moe.get("expert_parallel") is not None:
     layer = MoE(**model.moe, parent=None)

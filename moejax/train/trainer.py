@@ -46,13 +46,24 @@ def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  """Pads a short last eval batch with padding rows (segment 0: not counted)."""
-  have = next(iter(batch.values())).shape[0]
-  if have == rows:
-    return batch
-  return {k: np.concatenate([v, np.zeros((rows - have,) + v.shape[1:], v.dtype)])
-          for k, v in batch.items()}
+def _process_sum(values: np.ndarray) -> np.ndarray:
+  """`values` summed over the processes (every process passes the same shape)."""
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.sum(multihost_utils.process_allgather(values), axis=0)
+
+
+def eval_batches(spec, tokenizer, limit: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's first `limit` evaluation batches, in step with the other
+  processes: one whose shards have run out gives padding rows while another's
+  have not, and the pass ends when all have run out."""
+  iterator = iter(make_dataset(spec, tokenizer, prepare=False))
+  for _ in range(limit):
+    batch = next(iterator, None)
+    if not _process_sum(np.int32(batch is not None)):
+      return
+    yield iterator.padding() if batch is None else batch
 
 
 def init_state(model: nn.Module, tx, config, mesh) -> tuple[TrainState, Any]:
@@ -79,20 +90,18 @@ def init_state(model: nn.Module, tx, config, mesh) -> tuple[TrainState, Any]:
 def evaluate(state, eval_step, config, batch_sharding, tokenizer) -> dict[str, Any]:
   """Loss, bits per byte and mean routing metrics over the first eval batches."""
   spec = setup.pipeline_spec(config, config.data.eval_split, training=False)
-  totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-  layer_sums, batches = None, 0
-  for batch in make_dataset(spec, tokenizer, prepare=False):
-    if batches == config.train.eval_batches:
-      break
-    batch = _pad_rows(batch, spec.batch_size)
+  totals = {"nll_sum": 0.0, "tokens": 0.0}
+  layer_sums, batches, local_bytes = None, 0, 0
+  for batch in eval_batches(spec, tokenizer, config.train.eval_batches):
     rows = split_batch(batch)
-    totals["bytes"] += float(np.sum(tokenizer.token_bytes(rows["targets"]) * rows["mask"]))
+    local_bytes += int(np.sum(tokenizer.token_bytes(rows["targets"]) * rows["mask"]))
     out = jax.device_get(eval_step(state, _global_batch(batch, batch_sharding)))
     totals["nll_sum"] += float(out["nll_sum"])
     totals["tokens"] += float(out["tokens"])
     layer_sums = out["layers"] if layer_sums is None else jax.tree_util.tree_map(
         np.add, layer_sums, out["layers"])
     batches += 1
+  totals["bytes"] = float(_process_sum(np.int32(local_bytes)))
   layers = jax.tree_util.tree_map(lambda a: np.asarray(a) / max(batches, 1), layer_sums or {})
   for name, mi in domain_mutual_information(layers).items():
     layers[name]["domain_expert_mi"] = mi
