@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/lm_tiny
+# pytest-xdist workers; test files stay whole on one worker (module fixtures run once).
+TEST_WORKERS ?= 2
+PYTEST = -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
@@ -42,7 +45,7 @@ demo: $(STAMP)
 	$(PY) -m moejax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) $(PYTEST) tests
 
 $(PY_LATEST):
 	@if [ -z "$(PYTHON_LATEST)" ]; then \
@@ -59,7 +62,7 @@ $(STAMP_LATEST): setup.py | $(PY_LATEST)
 install-latest: $(STAMP_LATEST)
 
 test-latest: $(STAMP_LATEST)
-	$(PY_LATEST) -m pytest -q $(LATEST_TESTS)
+	$(PY_LATEST) $(PYTEST) $(LATEST_TESTS)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_layer.py

@@ -31,6 +31,6 @@ setup(
             "sentencepiece>=0.2",
         ],
         "notebooks": ["jupyter", "nbclient>=0.10", "ipykernel", "matplotlib>=3.8"],
-        "dev": ["pytest>=8.0", "hypothesis>=6.100", "chex>=0.1.87"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "chex>=0.1.87"],
     },
 )

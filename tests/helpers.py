@@ -87,6 +87,20 @@ def tiny_config(data_dir: str, name: str = "synthetic_domains", **overrides):
   return config
 
 
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+  """The environment of a run a test starts: `devices` simulated CPU devices, this
+  repository importable, and the suite's other XLA flags and compilation cache."""
+  import os  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
 def main_command(workdir: str, data_dir: str, name: str = "synthetic_domains",
                  **overrides) -> list[str]:
   """The `python -m moejax.main` command line of tiny_config."""

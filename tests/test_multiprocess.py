@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import main_command, train_losses
+from tests.helpers import main_command, subprocess_env, train_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300            # a hung collective fails the test instead of stalling CI
@@ -45,14 +45,6 @@ print(json.dumps({"process": jax.process_index(),
 """
 
 
-def _env(devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -67,8 +59,8 @@ def _run_two(command, tmp_path, name: str) -> list[str]:
   processes = []
   for i, (out, err) in enumerate(logs):
     with open(out, "w", encoding="utf-8") as o, open(err, "w", encoding="utf-8") as e:
-      processes.append(subprocess.Popen(command(coordinator, i), env=_env(4), cwd=REPO,
-                                        stdout=o, stderr=e))
+      processes.append(subprocess.Popen(command(coordinator, i), env=subprocess_env(4),
+                                        cwd=REPO, stdout=o, stderr=e))
   failed, deadline = None, time.monotonic() + TIMEOUT_S
   try:
     while failed is None and any(p.poll() is None for p in processes):
@@ -95,8 +87,9 @@ def _run_two(command, tmp_path, name: str) -> list[str]:
 
 def _run_one(workdir: str, tfds_dir: str) -> str:
   """One process with 8 devices; returns its stderr."""
-  result = subprocess.run(main_command(workdir, tfds_dir, **OVERRIDES), env=_env(8), cwd=REPO,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+  result = subprocess.run(main_command(workdir, tfds_dir, **OVERRIDES),
+                          env=subprocess_env(8), cwd=REPO, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stderr
 

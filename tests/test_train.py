@@ -13,17 +13,10 @@ import numpy as np
 import pytest
 
 from moejax.train import setup, train
-from tests.helpers import main_command, tiny_config, train_losses
+from tests.helpers import main_command, subprocess_env, tiny_config, train_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _env(devices: int = 1) -> dict[str, str]:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +101,12 @@ def test_killed_run_resumes_with_identical_losses(tfds_dir, tmp_path):
   overrides = {"train.steps": 40, "train.checkpoint_every": 5, "train.eval_every": 40,
                "moe.topk.aux_free": True, "moe.topk.bias_rate": 0.05}
   straight = str(tmp_path / "straight")
-  subprocess.run(main_command(straight, tfds_dir, **overrides), env=_env(), cwd=REPO,
-                 check=True, capture_output=True)
+  subprocess.run(main_command(straight, tfds_dir, **overrides), env=subprocess_env(),
+                 cwd=REPO, check=True, capture_output=True)
   killed = str(tmp_path / "killed")
   command = main_command(killed, tfds_dir, **overrides)
-  process = subprocess.Popen(command, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  process = subprocess.Popen(command, env=subprocess_env(), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = os.path.join(killed, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
@@ -124,8 +117,8 @@ def test_killed_run_resumes_with_identical_losses(tfds_dir, tmp_path):
   assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
   interrupted_at = max(train_losses(killed))
   assert interrupted_at < 40
-  resumed = subprocess.run(command, env=_env(), cwd=REPO, check=True, capture_output=True,
-                           text=True)
+  resumed = subprocess.run(command, env=subprocess_env(), cwd=REPO, check=True,
+                           capture_output=True, text=True)
   assert "resumed from checkpoint at step" in resumed.stderr
   want, got = train_losses(straight), train_losses(killed)
   assert sorted(got) == list(range(1, 41))
@@ -142,7 +135,7 @@ def test_eight_device_data_parallel_matches_one_device(tfds_dir, tmp_path):
   losses = {}
   for devices in (1, 8):
     workdir = str(tmp_path / f"devices{devices}")
-    result = subprocess.run(main_command(workdir, tfds_dir, **overrides), env=_env(devices),
+    result = subprocess.run(main_command(workdir, tfds_dir, **overrides), env=subprocess_env(devices),
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{devices} device(s)" in result.stderr
@@ -178,7 +171,7 @@ def test_trains_from_a_local_tfds_dataset_by_name(tmp_path):
   package.mkdir()
   (package / "__init__.py").write_text(TINY_BUILDER)
   data_dir = str(tmp_path / "tfds")
-  env = _env()
+  env = subprocess_env()
   env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
   subprocess.run([sys.executable, "-c",
                   "import tinytext; tinytext.LocalTinyText(data_dir=%r)"
@@ -188,7 +181,7 @@ def test_trains_from_a_local_tfds_dataset_by_name(tmp_path):
   overrides = {"train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4,
                "data.domain_key": ""}
   result = subprocess.run(main_command(workdir, data_dir, name="local_tiny_text", **overrides),
-                          env=_env(), cwd=REPO, capture_output=True, text=True)
+                          env=subprocess_env(), cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]
   assert sorted(train_losses(workdir)) == [1, 2, 3, 4]
 
@@ -202,7 +195,8 @@ def test_trains_from_a_local_tfds_dataset_by_name(tmp_path):
 ])
 def test_bad_config_fails_at_start_with_the_field(flag, field, tfds_dir, tmp_path):
   command = main_command(str(tmp_path), tfds_dir) + [flag]
-  result = subprocess.run(command, env=_env(), cwd=REPO, capture_output=True, text=True)
+  result = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True,
+                          text=True)
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("config error:") and field in last, result.stderr[-1000:]
@@ -212,7 +206,8 @@ def test_bad_config_fails_at_start_with_the_field(flag, field, tfds_dir, tmp_pat
 def test_missing_dataset_is_one_line(tmp_path):
   empty = str(tmp_path / "empty")
   command = main_command(str(tmp_path / "run"), empty, name="lm1b")
-  result = subprocess.run(command, env=_env(), cwd=REPO, capture_output=True, text=True)
+  result = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True,
+                          text=True)
   assert result.returncode != 0 and "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("data error:") and "tfds build lm1b" in last
