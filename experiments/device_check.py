@@ -63,15 +63,17 @@ NOMINAL_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.
 
 SIZES = {
     "full": dict(matmul_n=8192, kernel_cases=None, layer_tokens=512, layer_dim=256,
-                 layer_hidden=512, layer_experts=8, grid_tokens=(256, 1024, 2048, 8192),
+                 layer_hidden=512, layer_experts=8, grid_tokens=(2048, 8192, 256, 1024),
                  grid_shapes=((8, 4096), (64, 1024)), layer_perf_shapes=((8, 2048), (64, 1024)),
                  layer_perf_tokens_per_expert=2048, train_steps=100, repeats=10,
-                 min_repeat_ms=20.0, lm=None),
+                 min_repeat_ms=20.0, lm=None,
+                 budget_s=dict(kernels=80, layer=50, kernel_perf=110, layer_perf=50,
+                               training=100)),
     "tiny": dict(matmul_n=256, kernel_cases=("e4_empty_groups",), layer_tokens=24,
                  layer_dim=16, layer_hidden=12, layer_experts=4, grid_tokens=(8,),
                  grid_shapes=((4, 32),), layer_perf_shapes=((4, 32),),
                  layer_perf_tokens_per_expert=16, train_steps=3, repeats=2,
-                 min_repeat_ms=1.0,
+                 min_repeat_ms=1.0, budget_s={},
                  lm=dict(model=dict(num_layers=2, model_dim=32, num_heads=2, mlp_dim=64,
                                     moe_every=2, dtype="bfloat16"),
                          moe=dict(num_experts=4, top_k=2, hidden_dim=32), seq_len=16,
@@ -99,12 +101,44 @@ class Results:
     print(line, flush=True)
 
   def failed(self) -> list[dict[str, Any]]:
-    """Correctness lines that failed: kernels and layer parity, a part that stopped
-    with an error, compiled kernels that disagree with ragged_dot in the throughput
-    grid, a training run that did not run or whose loss is not finite."""
-    return [r for r in self.records
-            if r.get("pass") is False or r.get("check_pass") is False
-            or (r.get("bench") == "training" and not r.get("finite", False))]
+    return failed_lines(self.records)
+
+
+def correctness_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Lines that can fail: kernels and layer parity, a part that stopped with an
+  error, compiled kernels against ragged_dot in the throughput grid, training runs."""
+  return [r for r in records if isinstance(r.get("pass"), bool) or "check_pass" in r
+          or r.get("bench") == "training"]
+
+
+def failed_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The correctness lines that failed (a training run fails when it did not run or
+  its loss is not finite)."""
+  return [r for r in correctness_lines(records)
+          if r.get("pass") is False or r.get("check_pass") is False
+          or (r.get("bench") == "training" and not r.get("finite", False))]
+
+
+def auto_choice(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """The backends that passed every correctness line of this run, and among them the
+  fastest by the layer's forward+backward throughput (median over the layer cases):
+  what dispatch.gmm.AUTO_BACKEND should name for this platform."""
+  kernels_ok = all(r["pass"] for r in records if r.get("part") == "kernels" and "pass" in r)
+  grid_ok = all(r.get("check_pass", True) for r in records if r.get("part") == "kernel_perf")
+  passed, speed = [], {}
+  for backend in LAYER_BACKENDS:
+    parity = [r for r in records if r.get("bench") == "layer_parity"
+              and r["backend"] == backend]
+    if parity and all(r["pass"] for r in parity) and (
+        backend != "pallas" or (kernels_ok and grid_ok)):
+      passed.append(backend)
+    rates = sorted(r["tflops"]["moe"] for r in records if r.get("bench") == "layer_perf"
+                   and r["backend"] == backend and (r.get("tflops") or {}).get("moe"))
+    if rates:
+      speed[backend] = rates[len(rates) // 2]
+  timed = [b for b in passed if b in speed]
+  return {"passed": passed, "layer_tflops": speed,
+          "fastest": max(timed, key=speed.get) if timed else None}
 
 
 def log(message: str) -> None:
@@ -117,6 +151,21 @@ def slug(text: str) -> str:
 
 def error_text(e: BaseException) -> str:
   return f"{type(e).__name__}: {str(e)[:400]}"
+
+
+def within_budget(part: str, items, budget_s: Optional[float], results: Results):
+  """Yields `items` until the part's time budget (seconds from the first item; None:
+  no limit) is spent; the first item always runs. What is left is recorded as one
+  `skipped` line."""
+  items = list(items)
+  deadline = None if budget_s is None else time.perf_counter() + budget_s
+  for i, item in enumerate(items):
+    if i and deadline is not None and time.perf_counter() > deadline:
+      results.emit({"part": part, "bench": "skipped",
+                    "reason": f"the part's budget of {budget_s:g} s was spent",
+                    "skipped": [str(x) for x in items[i:]]})
+      return
+    yield item
 
 
 def run_part(name: str, results: Results, fn: Callable[[], None]) -> None:
@@ -179,11 +228,11 @@ def part_kernels(m, results: Results, size: dict[str, Any], args) -> None:
   bk = m.bench_kernels
   cases = size["kernel_cases"] or tuple(bk.CORRECTNESS_CASES)
   target = native_target(args.platform)
-  for name in cases:
-    for dtype in ("float32", "bfloat16"):
-      log(f"[kernels] {name} {target} {dtype}")
-      for record in bk.check_case(name, bk.CORRECTNESS_CASES[name], target, dtype, args.seed):
-        results.emit({"part": "kernels", **record})
+  items = [(name, dtype) for name in cases for dtype in ("float32", "bfloat16")]
+  for name, dtype in within_budget("kernels", items, args.budget("kernels"), results):
+    log(f"[kernels] {name} {target} {dtype}")
+    for record in bk.check_case(name, bk.CORRECTNESS_CASES[name], target, dtype, args.seed):
+      results.emit({"part": "kernels", **record})
 
 
 # ----------------------------------------------------------------------------
@@ -228,8 +277,10 @@ def part_layer(m, results: Results, size: dict[str, Any], args) -> None:
   jax, jnp = m.jax, m.jnp
   x = jax.random.normal(jax.random.PRNGKey(args.seed), (1, size["layer_tokens"],
                                                          size["layer_dim"]), jnp.float32)
+  cases = layer_cases(size)
   with jax.default_matmul_precision("highest"):
-    for case, kwargs in layer_cases(size).items():
+    for case in within_budget("layer", cases, args.budget("layer"), results):
+      kwargs = cases[case]
       oracle = m.MoE(engine="loop", **kwargs)
       params = oracle.init(jax.random.PRNGKey(args.seed + 1), x)["params"]
       (want_loss, want_y), want_grads = jax.device_get(layer_loss(m, oracle)(params, x))
@@ -327,14 +378,15 @@ def tgmm_combine_case(m, tokens_per_expert: int, num_experts: int, dim: int, par
 
 def part_kernel_perf(m, results: Results, size: dict[str, Any], args, dense_fwd_bwd) -> None:
   pargs = perf_args(m, size, args)
-  for num_experts, dim in size["grid_shapes"]:
-    for tokens_per_expert in size["grid_tokens"]:
-      log(f"[kernel_perf] tokens/expert={tokens_per_expert} E={num_experts} D=F={dim}")
-      record = m.bench_kernels.gmm_case("balanced", tokens_per_expert, num_experts, dim, pargs)
-      results.emit({"part": "kernel_perf", **record})
-      dense_fwd_bwd[(tokens_per_expert * num_experts, dim)] = (
-          record["tflops"]["dense"]["fwd_bwd"])
-      results.emit(tgmm_combine_case(m, tokens_per_expert, num_experts, dim, pargs))
+  points = [(tokens_per_expert, num_experts, dim) for tokens_per_expert in size["grid_tokens"]
+            for num_experts, dim in size["grid_shapes"]]
+  for point in within_budget("kernel_perf", points, args.budget("kernel_perf"), results):
+    tokens_per_expert, num_experts, dim = point
+    log(f"[kernel_perf] tokens/expert={tokens_per_expert} E={num_experts} D=F={dim}")
+    record = m.bench_kernels.gmm_case("balanced", tokens_per_expert, num_experts, dim, pargs)
+    results.emit({"part": "kernel_perf", **record})
+    dense_fwd_bwd[(tokens_per_expert * num_experts, dim)] = record["tflops"]["dense"]["fwd_bwd"]
+    results.emit(tgmm_combine_case(m, tokens_per_expert, num_experts, dim, pargs))
 
 
 # ----------------------------------------------------------------------------
@@ -343,13 +395,15 @@ def part_kernel_perf(m, results: Results, size: dict[str, Any], args, dense_fwd_
 
 def part_layer_perf(m, results: Results, size: dict[str, Any], args, dense_fwd_bwd) -> None:
   pargs = perf_args(m, size, args)
-  for num_experts, dim in size["layer_perf_shapes"]:
-    for backend in LAYER_BACKENDS:
-      log(f"[layer_perf] {backend} E={num_experts} D=F={dim}")
-      rows = pargs.layer_tokens_per_expert * num_experts
-      record = m.bench_kernels.layer_case(num_experts, dim, backend, pargs,
-                                          dense_fwd_bwd.get((rows, dim)))
-      results.emit({"part": "layer_perf", **record})
+  cases = [(num_experts, dim, backend) for num_experts, dim in size["layer_perf_shapes"]
+           for backend in LAYER_BACKENDS]
+  for num_experts, dim, backend in within_budget("layer_perf", cases, args.budget("layer_perf"),
+                                                 results):
+    log(f"[layer_perf] {backend} E={num_experts} D=F={dim}")
+    rows = pargs.layer_tokens_per_expert * num_experts
+    record = m.bench_kernels.layer_case(num_experts, dim, backend, pargs,
+                                        dense_fwd_bwd.get((rows, dim)))
+    results.emit({"part": "layer_perf", **record})
 
 
 # ----------------------------------------------------------------------------
@@ -443,9 +497,10 @@ VOCAB_SIZE = 259      # the byte tokenizer's (moejax.data.tokenizer.ByteTokenize
 
 def part_training(m, results: Results, size: dict[str, Any], args, ceiling) -> None:
   lm = lm_settings(size)
-  runs = [(f"moe_{backend}", dict(lm["moe"], backend=backend))
-          for backend in args.train_backends] + [("dense", None)]
-  for name, moe in runs:
+  runs = dict([("dense", None)] + [(f"moe_{backend}", dict(lm["moe"], backend=backend))
+                                   for backend in args.train_backends])
+  for name in within_budget("training", runs, args.budget("training"), results):
+    moe = runs[name]
     log(f"[training] {name}")
     try:
       record = train_run(m, name, moe, lm, size["train_steps"], ceiling, args.seed)
@@ -462,21 +517,28 @@ def summary_lines(m, records: list[dict[str, Any]]) -> list[str]:
   bk = m.bench_kernels
   head = next((r for r in records if r.get("bench") == "machine"), {})
   ceiling = next((r for r in records if r.get("bench") == "matmul_ceiling"), {})
+  modified = " (pallas_kernels modified)" if head.get("pallas_kernels_modified") else ""
   lines = [f"# Device check: {head.get('device_kind', '?')}", "",
            f"`experiments/device_check.py` (its docstring gives the method). JAX "
            f"{head.get('jax')} / jaxlib {head.get('jaxlib')}, backend {head.get('backend')}, "
            f"{head.get('device_count')} device(s), size `{head.get('size')}`, source "
-           f"{head.get('commit')}{' (pallas_kernels modified)' if head.get('pallas_kernels_modified') else ''}.",
+           f"{head.get('commit')}{modified}.",
            "", f"Dense bf16 matmul {ceiling.get('matmul_n', '-')}^3: "
            f"**{ceiling.get('matmul_tflops', '-')} TFLOP/s** (nominal peak "
            f"{head.get('nominal_bf16_tflops') or '-'}).", ""]
-  failed = [r for r in records if r.get("pass") is False]
-  checked = [r for r in records if r.get("part") in ("kernels", "layer") and "pass" in r]
+  failed, checked = failed_lines(records), correctness_lines(records)
   lines += [f"**Correctness: {len(checked) - len(failed)} of {len(checked)} lines pass.**", ""]
   for r in failed:
-    lines.append(f"- failed: {r.get('part')} {r.get('case', '')} {r.get('op', '')} "
-                 f"{r.get('backend', r.get('target', ''))} {r.get('dtype', '')}: "
-                 f"{r.get('error') or r.get('errors')}")
+    lines.append(f"- failed: {r.get('part')} {r.get('case', r.get('name', ''))} "
+                 f"{r.get('op', '')} {r.get('backend', r.get('target', ''))} "
+                 f"{r.get('dtype', '')}: {r.get('error') or r.get('errors')}")
+  choice = auto_choice(records)
+  rates = ", ".join(f"{b} {v:g}" for b, v in choice["layer_tflops"].items()) or "not timed"
+  lines += ["", f"Backends that passed every correctness line: "
+            f"{', '.join(choice['passed']) or 'none'}; layer forward+backward TFLOP/s "
+            f"(median): {rates}; `auto` for this platform: "
+            + (f"**{choice['fastest'] or '-'}**." if head.get("size") == "full" else
+               "not decided by a run at tiny sizes (their timings mean nothing).")]
   kernel_rows = [r for r in records if r.get("bench") == "correctness"]
   if kernel_rows and head:
     lines += ["", "## Kernels (compiled for the platform)", ""]
@@ -502,7 +564,8 @@ def summary_lines(m, records: list[dict[str, Any]]) -> list[str]:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in extra:
       t, c = r["tgmm_tflops"], r["combine_gbps"]
-      lines.append(f"| {r['tokens_per_expert']} | {r['E']} | {r['D']} | {bk.fmt(t.get('pallas'), '.1f')} | "
+      lines.append(f"| {r['tokens_per_expert']} | {r['E']} | {r['D']} | "
+                   f"{bk.fmt(t.get('pallas'), '.1f')} | "
                    f"{bk.fmt(t.get('dense'), '.1f')} | {bk.fmt(t.get('ragged_dot'), '.1f')} | "
                    f"{bk.fmt(r['tgmm_vs_dense'])} | {bk.fmt(r['tgmm_vs_ragged_dot'])} | "
                    f"{bk.fmt(c.get('pallas'), '.0f')} | {bk.fmt(c.get('segment_sum'), '.0f')} | "
@@ -526,9 +589,11 @@ def summary_lines(m, records: list[dict[str, Any]]) -> list[str]:
                    f"{bk.fmt(r['mfu_vs_nominal'], '.3f')} | {r['compile_and_first_step_s']} | "
                    f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     lines.append("")
-  errors = [r for r in records if r.get("bench") == "part_error"]
-  for r in errors:
-    lines.append(f"- part {r['part']} stopped: {r['error']}")
+  for r in records:
+    if r.get("bench") == "part_error":
+      lines.append(f"- part {r['part']} stopped: {r['error']}")
+    elif r.get("bench") == "skipped":
+      lines.append(f"- part {r['part']}: {r['reason']}; not run: {', '.join(r['skipped'])}")
   return lines + [""]
 
 
@@ -556,6 +621,9 @@ def parse_args(argv=None):
   parser.add_argument("--max_seconds", type=float, default=10.0,
                       help="timing budget of one function")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no_budget", action="store_true",
+                      help="let every part run all its items (at full size each part has a "
+                      "time budget, so that the run ends within 8 minutes on an H100)")
   parser.add_argument("--summarize", metavar="JSONL", help="rewrite the summary of a run")
   args = parser.parse_args(argv)
   args.parts = [p for p in args.parts.split(",") if p]
@@ -606,6 +674,7 @@ def main(argv=None) -> int:
     return 2
   args.size = args.size or ("tiny" if args.platform == "cpu" else "full")
   size = SIZES[args.size]
+  args.budget = lambda part: None if args.no_budget else size["budget_s"].get(part)
   device = m.jax.devices()[0].device_kind
   path = args.out or os.path.join(
       args.out_dir, f"device_{slug(device)}_{datetime.date.today().isoformat()}.jsonl")

@@ -70,12 +70,14 @@ def test_cpu_run_writes_every_part_and_passes(tmp_path):
   assert {r["backend"] for r in layer_perf} == {"pallas", "xla", "ragged_dot"}
   assert all(r["status"] == "ok" for r in layer_perf)
   training = [r for r in records if r["bench"] == "training"]
-  assert [r["name"] for r in training] == ["moe_xla", "dense"]
+  assert [r["name"] for r in training] == ["dense", "moe_xla"]
   assert all(r["finite"] and r["tokens_per_s"] > 0 for r in training)
   summary = out.replace(".jsonl", ".md")
   with open(summary, encoding="utf-8") as f:
     text = f.read()
-  assert "**Correctness: 26 of 26 lines pass.**" in text
+  # 14 kernel + 12 layer lines, 2 grid checks against ragged_dot, 2 training runs.
+  assert "**Correctness: 30 of 30 lines pass.**" in text
+  assert "Backends that passed every correctness line: pallas, xla, ragged_dot;" in text
   assert "## lm_small training, synthetic batches" in text
   # --summarize rewrites the same summary from the JSON lines.
   os.remove(summary)
@@ -154,3 +156,38 @@ def test_auto_picks_only_backends_a_committed_device_check_passed():
     readme = f.read()
   for platform, backend in gmm_backends.AUTO_BACKEND.items():
     assert f"| {platform.upper()} | `{backend}` |" in readme, platform
+
+
+def test_a_spent_budget_skips_the_rest_of_a_part_and_says_so(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import device_check  # pylint: disable=g-import-not-at-top
+  results = device_check.Results(str(tmp_path / "r.jsonl"))
+  assert list(device_check.within_budget("layer", "abc", None, results)) == ["a", "b", "c"]
+  assert list(device_check.within_budget("layer", "abc", 0.0, results)) == ["a"]
+  assert results.records == [{"part": "layer", "bench": "skipped", "skipped": ["b", "c"],
+                              "reason": "the part's budget of 0 s was spent"}]
+  assert results.failed() == []
+
+
+def test_auto_choice_is_the_fastest_backend_that_passed_everything():
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import device_check  # pylint: disable=g-import-not-at-top
+
+  def parity(backend, ok):
+    return {"bench": "layer_parity", "part": "layer", "backend": backend, "pass": ok}
+
+  def speed(backend, *tflops):
+    return [{"bench": "layer_perf", "part": "layer_perf", "backend": backend,
+             "tflops": {"moe": t}} for t in tflops]
+
+  records = ([parity(b, True) for b in ("pallas", "xla", "ragged_dot")]
+             + [{"part": "kernels", "bench": "correctness", "pass": True}]
+             + speed("pallas", 300.0, 500.0, 400.0) + speed("xla", 200.0, 250.0)
+             + speed("ragged_dot", 350.0))
+  choice = device_check.auto_choice(records)
+  assert choice == {"passed": ["pallas", "xla", "ragged_dot"], "fastest": "pallas",
+                    "layer_tflops": {"pallas": 400.0, "xla": 250.0, "ragged_dot": 350.0}}
+  # One failed kernel line rules pallas out, whatever its speed.
+  records.append({"part": "kernels", "bench": "correctness", "pass": False})
+  assert device_check.auto_choice(records)["fastest"] == "ragged_dot"
+  assert device_check.auto_choice(records)["passed"] == ["xla", "ragged_dot"]
