@@ -5,8 +5,8 @@
 Every FFN is one SwiGLU of width 512 = K * F of lm_tiny (top-2 of width-256
 experts), so active parameters per token match lm_tiny's; lm_tiny has 4x the FFN
 parameters in total. Same data, steps and schedule as lm_tiny.
-Expected on a 2-core CPU (measured): 4 minutes, validation 2.94 bits per byte
-(lm_tiny: 5.5 minutes, 2.91).
+Expected on a 2-core CPU (measured 2026-11-30): about 2 minutes, 23,000 tokens/s,
+validation 2.95 bits per byte (lm_tiny: 3 minutes, 2.85).
 """
 from moejax.train import setup
 
