@@ -31,6 +31,8 @@ setup(
             "sentencepiece>=0.2",
         ],
         "notebooks": ["jupyter", "nbclient>=0.10", "ipykernel", "matplotlib>=3.8"],
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "chex>=0.1.87"],
+        # tensorboard: tests read the event files as TensorBoard does (its purges included).
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "chex>=0.1.87",
+                "tensorboard>=2.15"],
     },
 )

@@ -14,6 +14,7 @@ import pytest
 
 from moejax.train import setup, train
 from tests.helpers import main_command, subprocess_env, tiny_config, train_losses
+from tests.test_resume import assert_logs_hold_each_step_once
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +76,8 @@ def test_rerunning_a_finished_run_evaluates_it_again(seed0_run, tfds_dir, tmp_pa
                      progress=False)
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
-  assert len(records) == before + 1                      # no training, one evaluation
+  assert len(records) == before             # no training; the evaluation at 20 replaced
+  assert [r["step"] for r in records if r["split"] == "eval"] == [10, 20]
   assert records[-1]["split"] == "eval" and records[-1]["step"] == 20
   # Four batches of 8 rows x 32 targets, against the run's own two (targets that
   # cross a document boundary are not counted).
@@ -97,7 +99,9 @@ def test_same_seed_same_losses_other_seed_other_losses(seed0_run, tfds_dir, tmp_
 @pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tfds_dir, tmp_path):
   """With the aux-free bias on (a large rate, so routing depends on it), identical
-  losses after the resume also show that the `routing` collection was restored."""
+  losses after the resume also show that the `routing` collection was restored.
+  The steps logged after the last checkpoint are dropped and logged again: each
+  step appears once in metrics.jsonl and in TensorBoard, as in the straight run."""
   overrides = {"train.steps": 40, "train.checkpoint_every": 5, "train.eval_every": 40,
                "moe.topk.aux_free": True, "moe.topk.bias_rate": 0.05}
   straight = str(tmp_path / "straight")
@@ -124,6 +128,8 @@ def test_killed_run_resumes_with_identical_losses(tfds_dir, tmp_path):
   assert sorted(got) == list(range(1, 41))
   assert all(got[s] == want[s] for s in range(1, 41)), [
       (s, got[s], want[s]) for s in range(1, 41) if got[s] != want[s]]
+  assert_logs_hold_each_step_once(killed, {"train": list(range(1, 41)), "eval": [40]},
+                                  reference=straight)
 
 
 @pytest.mark.slow

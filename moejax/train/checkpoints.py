@@ -6,20 +6,43 @@ and `data`, the position of every input shard (see moejax.data.pipeline): one
 file `shard_<s>-of-<S>.json` per shard with its grain iterator state, written by
 the process that reads the shard. A run with any process count that divides S
 restores them, so a checkpoint written by n processes resumes on m, with the same
-parameters and the same next batch. Saves are synchronous: a process killed
-mid-save leaves the previous checkpoints intact (orbax finalises a save by
-renaming its directory).
+parameters and the same next batch.
+
+Saves are synchronous and atomic: orbax 0.12.8 writes a step into
+`<step>.orbax-checkpoint-tmp` and renames it to `<step>` when complete, so a
+process killed mid-save leaves the previous checkpoint as the latest. Orbax does
+not remove such a leftover at start-up (cleanup_tmp_directories is off), its step
+listing (latest_step) ignores it, and the next save of that step replaces it.
+
+Resume (`restore_latest`) takes the newest checkpoint that restores. For each,
+newest first: its stored shapes are compared with the new state's and its data
+position with the input shards, and a difference stops the run (ConfigError,
+nothing is moved: a config change is not damage); then the checkpoint is
+restored, and a failure there makes it unreadable. Unreadable checkpoints newer
+than the one used are moved to `<workdir>/checkpoints_unreadable/<step>`
+(outside orbax's listing, never deleted); when none restores, the run stops with
+CheckpointError and nothing is moved.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
+import sys
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from moejax.train.errors import CheckpointError, ConfigError, RunError
+
+UNREADABLE_DIR = "checkpoints_unreadable"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+SHARD_FILE = re.compile(r"shard_(\d+)-of-(\d+)\.json$")
 
 
 def shard_file(shard: int, num_shards: int) -> str:
@@ -60,11 +83,42 @@ class InputShardsRestore(ocp.args.CheckpointArgs):
   iterator: Any
 
 
+@dataclasses.dataclass
+class Unreadable:
+  """A checkpoint that did not restore: its step, why, and where it was moved."""
+
+  step: int
+  reason: str
+  moved_to: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Resume:
+  """What restore_latest found: the step restored (0: none) and its state, the
+  unreadable checkpoints moved aside, and unfinished saves left by a killed run."""
+
+  step: int = 0
+  state: Any = None
+  unreadable: list = dataclasses.field(default_factory=list)
+  unfinished: list = dataclasses.field(default_factory=list)
+
+  def warnings(self, directory: str) -> list[str]:
+    """One line per unfinished save and per checkpoint moved aside."""
+    lines = [f"warning: {os.path.join(directory, name)} is a save that did not finish "
+             "(the run stopped while saving); it is ignored, and replaced when its step "
+             "is saved again" for name in self.unfinished]
+    lines += [f"warning: checkpoint {u.step} in {directory} cannot be read ({u.reason}); "
+              f"moved to {u.moved_to}; resuming from checkpoint {self.step}"
+              for u in self.unreadable]
+    return lines
+
+
 class Checkpointer:
   """Saves and restores (state, data position) under <workdir>/checkpoints."""
 
   def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -86,6 +140,85 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=InputShardsRestore(iterator)))
     return restored["state"]
 
+  def restore_latest(self, abstract_state: Any, iterator: Any) -> Resume:
+    """Restores the newest checkpoint that can be read (see the module docstring).
+
+    Raises ConfigError when a checkpoint does not fit the state or the input
+    shards, CheckpointError when checkpoints exist and none can be read."""
+    resume = Resume(unfinished=unfinished_saves(self.directory))
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if steps:
+      _ignore_reports_of_abandoned_reads()
+    failed = []
+    for step in steps:
+      state, reason = None, None
+      try:
+        self.check_fits(step, abstract_state, iterator)
+        state = self.restore(step, abstract_state, iterator)
+      except RunError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        reason = unreadable_reason(self.step_directory(step), e)
+      if _all_processes(reason is None):
+        resume.step, resume.state = step, state
+        resume.unreadable = [Unreadable(s, r, self.move_aside(s)) for s, r in failed]
+        return resume
+      failed.append((step, reason or "it cannot be read on another process"))
+    if failed:
+      listed = "; ".join(f"step {s}: {r}" for s, r in failed)
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be restored ({listed}); nothing was "
+          f"moved; to train from step 0, move them out of {self.directory}, or use a new "
+          "workdir")
+    return resume
+
+  def step_directory(self, step: int) -> str:
+    """Where orbax keeps checkpoint `step` (its default step names)."""
+    return os.path.join(self.directory, str(step))
+
+  def check_fits(self, step: int, abstract_state: Any, iterator: Any) -> None:
+    """Raises ConfigError when checkpoint `step` holds other shapes than
+    abstract_state or the positions of another number of input shards; errors
+    reading its metadata propagate (the checkpoint is then unreadable)."""
+    directory = self.step_directory(step)
+    handler = ocp.StandardCheckpointHandler()
+    saved = flat_shapes(handler.metadata(epath.Path(directory) / "state"))
+    differences = shape_differences(saved, flat_shapes(abstract_state))
+    if differences:
+      shown = "; ".join(differences[:3])
+      more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+      raise ConfigError(
+          f"checkpoint {step} in {self.directory} does not fit the config's model: {shown}"
+          f"{more}; the config differs from the one that wrote it: use a new workdir, "
+          "or that config")
+    counts = saved_shard_counts(os.path.join(directory, "data"))
+    if counts and iterator.num_shards not in counts:
+      raise ConfigError(
+          f"checkpoint {step} in {self.directory} holds the data position of "
+          f"data.input_shards={sorted(counts)[0]}, but the config has data.input_shards="
+          f"{iterator.num_shards}; use the same data.input_shards, or a new workdir")
+
+  def move_aside(self, step: int) -> str:
+    """Moves checkpoint `step` to <workdir>/checkpoints_unreadable/<step> (a new
+    name if that exists) on process 0; returns where it went."""
+    target_dir = os.path.join(self.workdir, UNREADABLE_DIR)
+    target = os.path.join(target_dir, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(target_dir, f"{step}.{suffix}")
+      suffix += 1
+    if jax.process_index() == 0:
+      try:
+        os.makedirs(target_dir, exist_ok=True)
+        os.rename(self.step_directory(step), target)
+      except OSError as e:
+        raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read and "
+                              f"cannot be moved to {target} ({e.strerror or e}); move it "
+                              "away by hand") from None
+    _barrier(f"moejax_move_aside_{step}")
+    self.manager.reload()
+    return target
+
   def close(self) -> None:
     self.manager.close()
 
@@ -94,3 +227,177 @@ def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs with the shardings of `state`, for restoring into it."""
   return jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the finished checkpoints in `directory` (orbax's step names)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def unfinished_saves(directory: str) -> list[str]:
+  """Names of orbax temporary step directories: saves that did not finish."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(name for name in os.listdir(directory) if TMP_SUFFIX in name)
+
+
+def saved_shard_counts(directory: str) -> set[int]:
+  """The shard counts S of the `shard_<s>-of-<S>.json` files in a data item."""
+  if not os.path.isdir(directory):
+    return set()
+  return {int(m.group(2)) for m in map(SHARD_FILE.match, os.listdir(directory)) if m}
+
+
+def _key_name(key: Any) -> str:
+  """The name of a pytree path entry (dict key, attribute, sequence index)."""
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{path: (shape, dtype name)} of the array leaves of a state, an abstract state
+  or orbax's metadata tree; paths join key names with '/' (params/block_0/...)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def shape_differences(saved: dict, wanted: dict) -> list[str]:
+  """Per differing path: what the checkpoint holds and what the state needs."""
+  def describe(entry):
+    return "absent" if entry is None else f"{entry[0]} {entry[1]}"
+  def order(path):   # parameters first, then the routing collection, then the rest
+    return ({"params": 0, "routing": 1}.get(path.split("/", 1)[0], 2), path)
+  return [f"{path} saved {describe(saved.get(path))}, now {describe(wanted.get(path))}"
+          for path in sorted(set(saved) | set(wanted), key=order)
+          if saved.get(path) != wanted.get(path)]
+
+
+def unreadable_reason(directory: str, error: BaseException) -> str:
+  """Why the checkpoint in `directory` did not restore, in a few words: a missing
+  part, an empty or invalid metadata file, else the innermost read error."""
+  reason = damaged_part(directory) or _error_reason(directory, error)
+  return " ".join(reason.split())[:300]
+
+
+def damaged_part(directory: str) -> Optional[str]:
+  """The first missing part, empty file or unparsable JSON file of a checkpoint."""
+  for part in ("state", "data", os.path.join("state", "_METADATA")):
+    if not os.path.exists(os.path.join(directory, part)):
+      return f"{part} is missing"
+  for root, _, files in sorted(os.walk(directory)):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, directory)
+      if os.path.getsize(path) == 0:
+        return f"{relative} is empty"
+      if _is_json(name, root):
+        try:
+          with open(path, encoding="utf-8") as f:
+            json.load(f)
+        except ValueError as e:
+          return f"{relative} is not valid JSON ({e})"
+  return None
+
+
+def _is_json(name: str, root: str) -> bool:
+  """Whether a checkpoint file holds JSON (orbax's metadata files, shard positions)."""
+  return (name.endswith(".json") or name in ("_METADATA", "_CHECKPOINT_METADATA", "_sharding")
+          or os.path.basename(root) == "array_metadatas")
+
+
+def _error_reason(directory: str, error: BaseException) -> str:
+  """The innermost informative message of an error chain, shortened: for a
+  TensorStore read error, the file, what went wrong and the array read."""
+  chain, seen = [], error
+  while seen is not None and len(chain) < 20:
+    if not isinstance(seen, StopIteration):
+      chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for e in reversed(chain):
+    text = str(e).split(" [tensorstore_spec", 1)[0].strip()
+    if re.match(r"^[A-Z_]+: ", text):
+      files = re.findall(r'local file "([^"]+)"', text)
+      array = re.search(r'Error reading "([^"/]+)', text)
+      where = os.path.relpath(files[-1], directory) if files else "state"
+      detail = text.rsplit(": ", 1)[-1].replace(directory.rstrip(os.sep) + os.sep, "")
+      return f"{where}: {detail}" + (f" (reading {array.group(1)})" if array else "")
+  first = str(chain[0] if chain else error).strip().splitlines()
+  return f"{type(error).__name__}: {first[0] if first else ''}"[:300]
+
+
+def _all_processes(ok: bool) -> bool:
+  """`ok` on every process (an all-gather in multi-process runs)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (multi-process runs only)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _ignore_reports_of_abandoned_reads() -> None:
+  """When a restore fails, orbax stops waiting for its other TensorStore reads and
+  closes its event loop; as those reads finish, Python reports each of them
+  (`RuntimeError: Event loop is closed`, exceptions of orbax's read coroutines,
+  asyncio's "exception was never retrieved"), hundreds of traceback lines after
+  the failure is handled. Drops those reports, and only those."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    if not _abandoned_read(unraisable.exc_value, unraisable.object):
+      previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+
+
+def _orbax_frames(error: Optional[BaseException]) -> bool:
+  """Whether the traceback of `error` or of its causes passes through orbax."""
+  marker = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
+  seen = 0
+  while error is not None and seen < 20:
+    tb = error.__traceback__
+    while tb is not None:
+      if marker in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return False
+
+
+def _abandoned_read(error: Optional[BaseException], origin: Any) -> bool:
+  """Whether an unraisable report comes from a read a failed restore abandoned."""
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    tb = error.__traceback__
+    while tb is not None:
+      if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+        return True
+      tb = tb.tb_next
+  code = getattr(origin, "cr_code", None)
+  if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+    return True
+  return _orbax_frames(error)
+
+
+class _AbandonedReadFilter(logging.Filter):
+  """Drops asyncio's reports of orbax futures whose exception nobody awaited."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "exception was never retrieved" not in str(record.msg):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not (_orbax_frames(error) or f"{os.sep}orbax{os.sep}" in record.getMessage())

@@ -5,9 +5,16 @@
 Resumes automatically from the latest checkpoint in the workdir: parameters,
 optimizer state, `routing` collection and data position are restored, and the
 step's random key is fold_in(seed, step), so a resumed run computes the same
-losses as an uninterrupted one. Rerunning a finished run evaluates it again
-(for instance with other train.eval_batches) and logs and reports that. Progress goes to stderr (a tqdm bar with loss,
-tokens/s and ETA); metrics go to <workdir>/metrics.jsonl and TensorBoard.
+losses as an uninterrupted one, and the logs hold each step once: what a killed
+run logged after its last checkpoint is dropped (moejax.train.writers). Rerunning
+a finished run evaluates it again (for instance with other train.eval_batches),
+logs that in place of the evaluation logged at the last step, and reports it.
+
+SIGTERM (a preemption) stops the run at the next step boundary, after an
+evaluation in progress, with a checkpoint at that step, one line on stderr and
+exit status 75 (moejax.train.preemption). Progress goes to stderr (a tqdm bar
+with loss, tokens/s and ETA); metrics go to <workdir>/metrics.jsonl and
+TensorBoard.
 """
 from __future__ import annotations
 
@@ -27,7 +34,9 @@ from moejax.data import make_dataset
 from moejax.data.pipeline import num_domains
 from moejax.parallel import BATCH_AXES, LOGICAL_RULES, make_mesh
 from moejax.train import setup
+from moejax.train import workdir as workdirs
 from moejax.train.checkpoints import Checkpointer, abstract_like
+from moejax.train.preemption import Preempted, PreemptionWatch, stop_message
 from moejax.train.report import write_report
 from moejax.train.state import TrainState, make_optimizer
 from moejax.train.step import (domain_mutual_information, make_eval_step, make_train_step,
@@ -137,10 +146,16 @@ def compiled_steps(model: nn.Module, tx, config, mesh, shardings, domains: int):
 
 
 def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
-  """Trains the config's model in workdir; returns the final evaluation."""
+  """Trains the config's model in workdir; returns the final evaluation.
+
+  Before any data or model work: the config is validated, the workdir must be a
+  writable directory (WorkdirError), fit the config (ConfigError, from its
+  config.json) and have disk room for the checkpoints (WorkdirError)."""
   setup.check(config)
+  workdirs.check_workdir(workdir)
   mesh = make_mesh(*setup.mesh_shape(config))
   with jax.set_mesh(mesh):
+    workdirs.check_run(config, workdir)
     return _train(config, workdir, progress, mesh)
 
 
@@ -154,9 +169,14 @@ def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
       setup.pipeline_spec(config, config.data.train_split, training=True), tokenizer))
   state, shardings = init_state(model, tx, config, mesh)
   checkpointer = Checkpointer(workdir, t.keep_checkpoints)
-  start = checkpointer.latest_step() or 0
+  resume = checkpointer.restore_latest(abstract_like(state), train_iter)
+  for line in resume.warnings(checkpointer.directory):
+    _log(line)
+  start = resume.step
   if start:
-    state = checkpointer.restore(start, abstract_like(state), train_iter)
+    state = resume.state
+  workdirs.save_config(config, workdir, resumed=bool(start))
+  if start:
     _log(f"resumed from checkpoint at step {start} in {checkpointer.directory}")
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   _log(f"model: {num_params / 1e6:.2f}M parameters, {len(jax.devices())} device(s), "
@@ -165,7 +185,8 @@ def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
   domains = num_domains(setup.pipeline_spec(config, config.data.eval_split, training=False))
   train_step, eval_step, batch_sharding = compiled_steps(model, tx, config, mesh, shardings,
                                                          domains)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
+                        resume_step=start if start else None)
   base_key = jax.random.PRNGKey(config.seed)
 
   bar = None
@@ -174,34 +195,48 @@ def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                dynamic_ncols=True)
   window_start, evaluation = time.time(), None
-  for step in range(start, t.steps):
-    batch = _global_batch(next(train_iter), batch_sharding)
-    state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
-    done = step + 1
-    if done % t.log_every == 0 or done == t.steps:
-      metrics = jax.device_get(metrics)
-      elapsed = time.time() - window_start
-      summary = _scalar_summary(metrics)
-      summary["tokens_per_s"] = float(metrics["tokens"]) * t.log_every / max(elapsed, 1e-9)
-      writer.write(done, "train", {**summary, "layers": metrics["layers"]})
+  with PreemptionWatch() as preemption:
+    for step in range(start, t.steps):
+      if preemption.reached(step):
+        # The state is that of `step`, and the data iterator is positioned after it.
+        if bar is not None:
+          bar.close()
+        writer.close()
+        if step != (checkpointer.latest_step() or 0):
+          checkpointer.save(step, state, train_iter)
+        saved = checkpointer.directory if checkpointer.latest_step() == step else None
+        checkpointer.close()
+        _log(stop_message(step, saved))
+        raise Preempted(step)
+      batch = _global_batch(next(train_iter), batch_sharding)
+      state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+      done = step + 1
+      if done % t.log_every == 0 or done == t.steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.time() - window_start
+        summary = _scalar_summary(metrics)
+        summary["tokens_per_s"] = float(metrics["tokens"]) * t.log_every / max(elapsed, 1e-9)
+        writer.write(done, "train", {**summary, "layers": metrics["layers"]})
+        if bar is not None:
+          bar.set_postfix(loss=f"{summary['loss']:.3f}",
+                          tok_s=f"{summary['tokens_per_s']:.0f}")
+        window_start = time.time()
       if bar is not None:
-        bar.set_postfix(loss=f"{summary['loss']:.3f}",
-                        tok_s=f"{summary['tokens_per_s']:.0f}")
-      window_start = time.time()
-    if bar is not None:
-      bar.update(1)
-    if done % t.eval_every == 0 or done == t.steps:
-      evaluation = evaluate(state, eval_step, config, batch_sharding, tokenizer)
-      writer.write(done, "eval", evaluation)
-      _log(f"\nstep {done}: eval loss {evaluation['loss']:.4f}, "
-           f"bits per byte {evaluation['bits_per_byte']:.4f}")
-    if done % t.checkpoint_every == 0 or done == t.steps:
-      checkpointer.save(done, state, train_iter)
+        bar.update(1)
+      if done % t.eval_every == 0 or done == t.steps:
+        # A preemption during evaluation stops the run after it, with its record.
+        evaluation = evaluate(state, eval_step, config, batch_sharding, tokenizer)
+        writer.write(done, "eval", evaluation)
+        _log(f"\nstep {done}: eval loss {evaluation['loss']:.4f}, "
+             f"bits per byte {evaluation['bits_per_byte']:.4f}")
+      if done % t.checkpoint_every == 0 or done == t.steps:
+        writer.flush()     # the records up to `done` on disk before its checkpoint
+        checkpointer.save(done, state, train_iter)
   if bar is not None:
     bar.close()
-  if evaluation is None:   # a finished run, rerun: evaluate (and log) it again
+  if evaluation is None:   # a finished run, rerun: evaluate it again, replacing its record
     evaluation = evaluate(state, eval_step, config, batch_sharding, tokenizer)
-    writer.write(t.steps, "eval", evaluation)
+    writer.write(t.steps, "eval", evaluation, replace=True)
   if jax.process_index() == 0:
     write_report(workdir, t.steps, evaluation)
     _log(f"routing report: {os.path.join(workdir, 'routing_report.md')}")
