@@ -8,8 +8,9 @@ only (not to norms' scales).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,22 @@ class TrainState(flax.struct.PyTreeNode):
     updates, opt_state = tx.update(grads, self.opt_state, self.params)
     return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
                         opt_state=opt_state)
+
+
+def initializer(model: nn.Module, tx: optax.GradientTransformation, rows: int,
+                seq_len: int) -> Callable[[jax.Array], TrainState]:
+  """init(key) -> the initial TrainState of `model` for batches of [rows, seq_len]
+  tokens; its parameters keep their logical-axis boxes (nn.get_partition_spec
+  reads them; nn.meta.unbox removes them)."""
+  tokens = jnp.zeros((rows, seq_len), jnp.int32)
+
+  def init(key):
+    variables = model.init({"params": key}, tokens, deterministic=True)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(nn.meta.unbox(params)),
+                      routing=variables.get("routing", {}))
+  return init
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,

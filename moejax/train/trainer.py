@@ -22,11 +22,10 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -38,7 +37,7 @@ from moejax.train import workdir as workdirs
 from moejax.train.checkpoints import Checkpointer, abstract_like
 from moejax.train.preemption import Preempted, PreemptionWatch, stop_message
 from moejax.train.report import write_report
-from moejax.train.state import TrainState, make_optimizer
+from moejax.train.state import TrainState, initializer, make_optimizer
 from moejax.train.step import (domain_mutual_information, make_eval_step, make_train_step,
                                split_batch)
 from moejax.train.writers import MetricWriter
@@ -77,17 +76,8 @@ def eval_batches(spec, tokenizer, limit: int) -> Iterator[dict[str, np.ndarray]]
 
 def init_state(model: nn.Module, tx, config, mesh) -> tuple[TrainState, Any]:
   """Sharded initial state and its shardings (from the parameters' logical axes)."""
-  rows = config.train.batch_size // config.train.num_microbatches
-  tokens = jnp.zeros((rows, config.data.seq_len), jnp.int32)
-
-  def init(key):
-    variables = model.init({"params": key}, tokens, deterministic=True)
-    params = variables["params"]
-    routing = variables.get("routing", {})
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=tx.init(nn.meta.unbox(params)), routing=routing)
-    return state
-
+  init = initializer(model, tx, config.train.batch_size // config.train.num_microbatches,
+                     config.data.seq_len)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
   specs = nn.get_partition_spec(abstract)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
@@ -159,6 +149,20 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
     return _train(config, workdir, progress, mesh)
 
 
+def _stop_preempted(step: int, state, train_iter, checkpointer, writer, bar) -> NoReturn:
+  """Saves `state` (that of `step`, the data iterator positioned after it) unless a
+  checkpoint holds that step already, says so in one line and raises Preempted."""
+  if bar is not None:
+    bar.close()
+  writer.close()
+  if step != (checkpointer.latest_step() or 0):
+    checkpointer.save(step, state, train_iter)
+  saved = checkpointer.directory if checkpointer.latest_step() == step else None
+  checkpointer.close()
+  _log(stop_message(step, saved))
+  raise Preempted(step)
+
+
 def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
   tokenizer = setup.tokenizer(config)
   model = setup.build_model(config)
@@ -198,16 +202,7 @@ def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
   with PreemptionWatch() as preemption:
     for step in range(start, t.steps):
       if preemption.reached(step):
-        # The state is that of `step`, and the data iterator is positioned after it.
-        if bar is not None:
-          bar.close()
-        writer.close()
-        if step != (checkpointer.latest_step() or 0):
-          checkpointer.save(step, state, train_iter)
-        saved = checkpointer.directory if checkpointer.latest_step() == step else None
-        checkpointer.close()
-        _log(stop_message(step, saved))
-        raise Preempted(step)
+        _stop_preempted(step, state, train_iter, checkpointer, writer, bar)
       batch = _global_batch(next(train_iter), batch_sharding)
       state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
       done = step + 1

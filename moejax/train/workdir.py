@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from moejax.train import setup
 from moejax.train.checkpoints import flat_shapes, saved_steps
 from moejax.train.errors import ConfigError, WorkdirError
-from moejax.train.state import TrainState, make_optimizer
+from moejax.train.state import initializer, make_optimizer
 
 CONFIG_FILE = "config.json"
 SHAPE_SECTIONS = ("model", "moe", "data")
@@ -80,18 +80,11 @@ def _os_reason(error: OSError, path: str) -> str:
 def state_shapes(config) -> dict[str, tuple[tuple[int, ...], str]]:
   """{path: (shape, dtype)} of the train state of `config`, as the trainer's
   init_state builds it, from jax.eval_shape (no arrays are allocated)."""
-  model = setup.build_model(config)
   t = config.train
   tx = make_optimizer(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
-  tokens = jnp.zeros((t.batch_size // t.num_microbatches, config.data.seq_len), jnp.int32)
-
-  def init(key):
-    variables = model.init({"params": key}, tokens, deterministic=True)
-    params = nn.meta.unbox(variables["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), routing=variables.get("routing", {}))
-
-  return flat_shapes(jax.eval_shape(init, jax.random.PRNGKey(0)))
+  init = initializer(setup.build_model(config), tx, t.batch_size // t.num_microbatches,
+                     config.data.seq_len)
+  return flat_shapes(nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0))))
 
 
 def state_bytes(shapes: dict[str, tuple[tuple[int, ...], str]]) -> int:
