@@ -241,6 +241,34 @@ def test_full_disk_stops_before_any_data_or_model_work(tfds_dir, tmp_path, monke
       workdirs.check_disk(workdir, shapes, keep=2)
 
 
+def test_disk_full_during_a_save_stops_in_one_line_and_the_rerun_continues(
+    finished, tfds_dir, tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  workdir = copy_of(finished, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
+  save = ocp.CheckpointManager.save
+
+  def full_at_20(manager, step, *args, **kwargs):
+    if step == 20:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_20)
+  with pytest.raises(CheckpointError) as error:
+    train(config(tfds_dir), workdir, progress=False)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  assert str(error.value) == (
+      f"checkpoint 20 could not be written to {checkpoints}: the disk is full (No space "
+      "left on device); checkpoint 15 is intact and stays the latest; free space and "
+      "rerun the same command")
+  assert listing(workdir) == {"checkpoints": ["15"]}
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  train(config(tfds_dir), workdir, progress=False)
+  got = train_losses(workdir)
+  assert [got[s] for s in range(16, 21)] == [finished[1][s] for s in range(16, 21)]
+
+
 def _unwritable_directory(tmp_path, kind: str) -> str:
   """A directory this process cannot create files in, or a skip."""
   if kind == "chmod":

@@ -26,6 +26,7 @@ CheckpointError and nothing is moved.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -127,10 +128,21 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, iterator: Any) -> None:
-    """Saves `state` and the position of the ShardedIterator `iterator`."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=InputShardsSave(iterator)), force=True)
-    self.manager.wait_until_finished()
+    """Saves `state` and the position of the ShardedIterator `iterator`. A disk that
+    is full raises CheckpointError (the previous checkpoint stays the latest)."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=InputShardsSave(iterator)), force=True)
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if not _disk_full(e):
+        raise
+      latest = self.latest_step()
+      kept = (f"checkpoint {latest} is intact and stays the latest" if latest
+              else "no earlier checkpoint exists")
+      raise CheckpointError(
+          f"checkpoint {step} could not be written to {self.directory}: the disk is full "
+          f"({_disk_full(e)}); {kept}; free space and rerun the same command") from e
 
   def restore(self, step: int, abstract_state: Any, iterator: Any) -> Any:
     """The state saved at `step` (shaped and sharded like abstract_state); the
@@ -226,6 +238,19 @@ def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs with the shardings of `state`, for restoring into it."""
   return jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+
+def _disk_full(error: BaseException) -> Optional[str]:
+  """The message of the no-space error in `error`'s chain (an OSError with ENOSPC,
+  or TensorStore's text of one), else None."""
+  seen = 0
+  while error is not None and seen < 20:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return error.strerror or "No space left on device"
+    if "No space left on device" in str(error):
+      return "No space left on device"
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return None
 
 
 def saved_steps(directory: str) -> list[int]:
