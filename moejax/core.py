@@ -157,6 +157,14 @@ class RoutingContext:
   causal: bool = flax.struct.field(pytree_node=False, default=False)
   data_shards: int = flax.struct.field(pytree_node=False, default=1)
 
+  def token_mask(self, num_tokens: int) -> Array:
+    """bool[T]: the real tokens of the flattened batch (segment id > 0); every
+    token when segment_ids is not given. Padding is routed nowhere and counted
+    nowhere: routers make its slots invalid and leave it out of their losses."""
+    if self.segment_ids is None:
+      return jnp.ones((num_tokens,), bool)
+    return self.segment_ids.reshape(-1) > 0
+
   @property
   def layer_key(self) -> str:
     """The key of this layer in per-layer mappings (see layer_key)."""
