@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Expert parallelism over mesh.expert (moejax.parallel.ExpertParallel):
       # dispatch none | all_to_all | all_gather.
       expert_parallel=setup.expert_parallel_section(),
+      # The pallas backend's kernel settings (pallas_kernels.KernelSettings), e.g.
+      # --config.moe.kernel_settings.tiling.forward="(64,64,128)"; None: the
+      # platform's defaults.
+      kernel_settings=setup.kernel_settings_section(),
       topk=ml_collections.ConfigDict(dict(
           score="softmax",
           order="softmax_topk",
@@ -106,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
           jitter=0.0,
           num_groups=1,
           groups_selected=config_dict.placeholder(int),
+          group_score="top2_sum",
           balance_scope="microbatch",
           aux_free=False,
           bias_rate=1e-3,

@@ -18,7 +18,7 @@ of expert rows, 2 per token, or 2 on average where the count is adaptive:
   selective_sinkhorn  SSR: the plan (gates from the plan) on 10% of the steps,
                       top-2 softmax otherwise; switch weight 0. NOT CAUSAL in
                       training: allow_noncausal=True
-  soft                Soft MoE, default S = L * K / E = 32 slots per expert per
+  soft                Soft MoE, S = L * K / E = 32 slots per expert per
                       sequence: E * S = 2L rows, as top-2. NOT CAUSAL (and a slot
                       mixes the documents packed into a row): allow_noncausal=True
   top_p               threshold 0.4, at most K_max = 4 experts (moe.top_k = 4),
@@ -55,12 +55,15 @@ ROUTER_SETTINGS = {
     "sinkhorn": {"allow_noncausal": True},
     "selective_sinkhorn": {"allow_noncausal": True, "fraction": 0.1,
                            "fraction_of": "steps"},
-    "soft": {"allow_noncausal": True},
+    "soft": {"allow_noncausal": True, "slots_per_expert": 32},   # L * K / E = 128 * 2 / 8
     "top_p": {"threshold": 0.4},
-    "null_experts": {"num_null": 8, "reference_k": 2},
+    # The zoo's results were measured with weights normalised over all K slots
+    # (normalize_over="all"); AdaMoE's code normalises over the true experts.
+    "null_experts": {"num_null": 8, "reference_k": 2, "normalize_over": "all"},
     "relu": {"target_sparsity": 0.75, "order": "relu_rmsnorm"},
     "hash": {},
-    "random": {"consistency_weight": 1.0},
+    # Per-token draws, as measured; THOR's own code draws per batch ("per_batch").
+    "random": {"consistency_weight": 1.0, "draw": "per_token"},
 }
 TOP_K = {"top_p": 4, "null_experts": 4, "relu": 4}   # K_max; 2 otherwise
 NO_SWITCH = ("sinkhorn", "selective_sinkhorn")

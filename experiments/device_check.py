@@ -430,7 +430,7 @@ def model_flops_per_token(model, seq_len: int) -> float:
     n += 4 * d * d
     if model.is_moe_layer(layer):
       moe = model.moe
-      n += per_ffn * moe["top_k"] * moe["hidden_dim"] + d * moe["num_experts"]
+      n += per_ffn * moe.top_k * moe.hidden_dim + d * moe.num_experts
     else:
       n += per_ffn * model.mlp_dim
   return 6.0 * n + 12.0 * model.num_layers * d * seq_len

@@ -84,7 +84,7 @@ def causality(config) -> str:
   moe = setup.moe_settings(config)
   router = routers.create(moe["router"], num_experts=moe["num_experts"], top_k=moe["top_k"],
                           **moe["router_kwargs"])
-  if getattr(router, "is_causal", True):
+  if router.is_causal:
     return "causal"
   return "training only" if moe["router"] in EVAL_CAUSAL else "non-causal"
 

@@ -26,6 +26,11 @@ bias_update  Auxiliary-loss-free balancing (DeepSeek, Wang et al. 2024): after e
                sign          b_e += u * sign(mean(c) - c_e)
                proportional  b_e += u * (mean(c) - c_e) / mean(c)
              optionally re-centred to zero mean.
+Padding: every loss over tokens takes an optional token mask, bool[T] (or [B, L]),
+True for real tokens (RoutingContext.token_mask): means over tokens are means over
+the real ones, and padding is counted in no f. A batch gives the losses of its real
+tokens alone; where a scope averages over groups (sequences, shards), groups with
+no real token are left out; with no real token at all every loss is 0 (never NaN).
 erc_loss     Expert-router coupling (Lv et al., "Coupling Experts and Routers in
              MoE via an Auxiliary Loss", 2025) on M [E, E], M_ij = ||act_i(proxy_j)||:
              each expert should activate most on its own proxy (rows) and each
@@ -51,6 +56,38 @@ BIAS_UPDATES = ("sign", "proportional")
 ERC_FORMS = ("ce", "margin")
 
 
+def token_mean(values: Array, token_mask: Optional[Array] = None) -> Array:
+  """Mean of values [T] over the real tokens (token_mask bool[T], any shape of T
+  entries; None: all tokens); 0 when no token is real. float32."""
+  values = values.reshape(-1).astype(jnp.float32)
+  if token_mask is None:
+    return jnp.mean(values)
+  real = token_mask.reshape(-1)
+  total = jnp.sum(jnp.where(real, values, 0.0))
+  return total / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)
+
+
+def _token_mean_rows(probs: Array, token_mask: Optional[Array]) -> Array:
+  """P [E]: the mean of the rows of probs [T, E] over the real tokens (0 if none)."""
+  probs = probs.astype(jnp.float32)
+  if token_mask is None:
+    return jnp.mean(probs, axis=0)
+  real = token_mask.reshape(-1, 1)
+  total = jnp.sum(jnp.where(real, probs, 0.0), axis=0)
+  return total / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)
+
+
+def _counted(expert_index: Array, mask: Optional[Array],
+             token_mask: Optional[Array]) -> Optional[Array]:
+  """bool[T, K]: the selections that count, slot mask and token mask combined."""
+  if token_mask is None:
+    return mask
+  per_token = expert_index.size // token_mask.size
+  real = jnp.broadcast_to(token_mask.reshape(-1, 1), (token_mask.size, per_token))
+  real = real.reshape(expert_index.shape)
+  return real if mask is None else (mask & real)
+
+
 def selection_counts(expert_index: Array, num_experts: int,
                      mask: Optional[Array] = None) -> Array:
   """float32[E]: how often each expert is selected in expert_index [..., K]
@@ -72,7 +109,7 @@ def psum_counts(counts: Array, axis_names: Sequence[str] = ()) -> Array:
 
 
 def switch_loss(probs: Array, expert_index: Array, num_experts: int,
-                mask: Optional[Array] = None) -> Array:
+                mask: Optional[Array] = None, token_mask: Optional[Array] = None) -> Array:
   """Switch load-balancing loss over one group of tokens.
 
   Args:
@@ -81,25 +118,30 @@ def switch_loss(probs: Array, expert_index: Array, num_experts: int,
     num_experts: E; probs.shape[-1] must equal it.
     mask: optional bool[T, K]; False slots are not counted in f (variable-K
       routers). f is normalised by the number of counted slots.
+    token_mask: optional bool[T], the real tokens: padding counts in neither f
+      nor P (P is the mean over the real tokens).
 
   Returns:
-    float32 scalar.
+    float32 scalar; 0 when nothing is counted.
   """
   if probs.shape[-1] != num_experts:
     raise ValueError(f"probs has {probs.shape[-1]} experts, num_experts is {num_experts}")
-  counts = selection_counts(expert_index, num_experts, mask)
-  return _switch_from_counts(probs.reshape(-1, num_experts), counts)
+  counts = selection_counts(expert_index, num_experts, _counted(expert_index, mask, token_mask))
+  return _switch_from_counts(probs.reshape(-1, num_experts), counts, token_mask)
 
 
-def _switch_from_counts(probs: Array, counts: Array) -> Array:
-  """E * sum_e f_e P_e with f = counts / sum(counts) (no gradient), P = mean probs."""
+def _switch_from_counts(probs: Array, counts: Array,
+                        token_mask: Optional[Array] = None) -> Array:
+  """E * sum_e f_e P_e with f = counts / sum(counts) (no gradient), P = mean probs
+  over the real tokens."""
   f = jax.lax.stop_gradient(counts / jnp.maximum(jnp.sum(counts), 1.0))
-  return probs.shape[-1] * jnp.sum(f * jnp.mean(probs.astype(jnp.float32), axis=0))
+  return probs.shape[-1] * jnp.sum(f * _token_mean_rows(probs, token_mask))
 
 
 def scoped_switch_loss(probs: Array, expert_index: Array, num_experts: int,
                        mask: Optional[Array] = None, scope: str = "microbatch",
-                       groups: int = 1, global_counts: Optional[Array] = None) -> Array:
+                       groups: int = 1, global_counts: Optional[Array] = None,
+                       token_mask: Optional[Array] = None) -> Array:
   """Switch loss at a scope (see the module docstring).
 
   Args:
@@ -111,22 +153,32 @@ def scoped_switch_loss(probs: Array, expert_index: Array, num_experts: int,
     groups: data-parallel shards of the batch (scope `microbatch`); divides B.
     global_counts: float[E], the selection counts of the whole step (scope
       `global`); without them, the counts of this call.
+    token_mask: optional bool[B, L], the real tokens. Padding counts in no f
+      and no P; the `sequence` and `microbatch` scopes average over the
+      sequences (shards) that hold a real token.
   """
   validation.one_of("balance_scope", scope, SCOPES)
   batch = probs.shape[0]
   if mask is None:
     mask = jnp.ones(expert_index.shape, bool)
+  if token_mask is None:
+    token_mask = jnp.ones(expert_index.shape[:2], bool)
+  mask = mask & token_mask[..., None]
   if scope == "global":
     counts = (selection_counts(expert_index, num_experts, mask) if global_counts is None
               else global_counts.astype(jnp.float32))
-    return _switch_from_counts(probs.reshape(-1, num_experts), counts)
+    return _switch_from_counts(probs.reshape(-1, num_experts), counts, token_mask)
   if scope == "microbatch":
     if batch % groups:
       raise ValueError(f"{groups} data shards do not divide the batch of {batch}")
     split = lambda a: a.reshape(groups, -1, *a.shape[2:])
-    probs, expert_index, mask = split(probs), split(expert_index), split(mask)
-  per_group = jax.vmap(lambda p, i, m: switch_loss(p, i, num_experts, m))
-  return jnp.mean(per_group(probs, expert_index, mask))
+    probs, expert_index, mask, token_mask = (split(probs), split(expert_index), split(mask),
+                                             split(token_mask))
+  per_group = jax.vmap(lambda p, i, m, r: switch_loss(p, i, num_experts, m, r))
+  losses = per_group(probs, expert_index, mask, token_mask)
+  holds = jnp.any(token_mask.reshape(token_mask.shape[0], -1), axis=1)
+  return jnp.sum(jnp.where(holds, losses, 0.0)) / jnp.maximum(
+      jnp.sum(holds.astype(jnp.float32)), 1.0)
 
 
 def router_switch_loss(probs: Array, expert_index: Array, batch: int, scope: str, ctx,
@@ -138,27 +190,34 @@ def router_switch_loss(probs: Array, expert_index: Array, batch: int, scope: str
     expert_index: int[T, K], the selections.
     batch: B, rows of the call (T = B * L).
     scope: `sequence`, `microbatch` or `global`.
-    ctx: the RoutingContext: `data_shards` groups the `microbatch` scope, and
-      `global_counts[ctx.layer_key]` holds the step's counts for `global`
-      (without them, this call's counts are the step's: one micro-batch).
+    ctx: the RoutingContext: `data_shards` groups the `microbatch` scope,
+      `global_counts` (float[E]) holds the step's counts for `global` (without
+      them, this call's counts are the step's: one micro-batch), and
+      `token_mask` says which tokens are real.
     mask: optional bool[T, K], the selections that count (variable-K routers).
+      Padding (ctx.token_mask) never counts, in the loss or the counts.
 
   Returns:
-    (switch loss, float32[E] selection counts of this call).
+    (switch loss, float32[E] selection counts of the real tokens of this call).
   """
   num_experts = probs.shape[-1]
+  real = ctx.token_mask(probs.shape[0])
+  mask = _counted(expert_index, mask, real)
   counts = selection_counts(expert_index, num_experts, mask)
-  rows = lambda a: None if a is None else a.reshape(batch, -1, *a.shape[1:])
+  step_counts = ctx.global_counts
+  rows = lambda a: a.reshape(batch, -1, *a.shape[1:])
   switch = scoped_switch_loss(
       rows(probs), rows(expert_index), num_experts, mask=rows(mask), scope=scope,
-      groups=ctx.data_shards, global_counts=(ctx.global_counts or {}).get(ctx.layer_key, counts))
+      groups=ctx.data_shards, global_counts=counts if step_counts is None else step_counts,
+      token_mask=rows(real))
   return switch, counts
 
 
-def z_loss(logits: Array) -> Array:
-  """Router z-loss, mean_t (logsumexp_e z_te)^2, float32 scalar."""
+def z_loss(logits: Array, token_mask: Optional[Array] = None) -> Array:
+  """Router z-loss, mean_t (logsumexp_e z_te)^2 over the real tokens (token_mask
+  bool[T]; None: all), float32 scalar."""
   lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-  return jnp.mean(jnp.square(lse))
+  return token_mean(jnp.square(lse), token_mask)
 
 
 def tsallis_entropy(probs: Array, q: float) -> Array:
@@ -174,9 +233,10 @@ def tsallis_entropy(probs: Array, q: float) -> Array:
   return (1.0 - jnp.sum(jnp.where(positive, safe ** q, 0.0), axis=-1)) / (q - 1.0)
 
 
-def tsallis_loss(probs: Array, q: float) -> Array:
-  """Mean Tsallis entropy of the router distribution: low when routing is confident."""
-  return jnp.mean(tsallis_entropy(probs, q))
+def tsallis_loss(probs: Array, q: float, token_mask: Optional[Array] = None) -> Array:
+  """Mean Tsallis entropy of the router distribution over the real tokens
+  (token_mask bool[T]; None: all): low when routing is confident."""
+  return token_mean(tsallis_entropy(probs, q), token_mask)
 
 
 def bias_update(bias: Array, counts: Array, rate: float, mode: str = "sign",

@@ -108,12 +108,19 @@ class RouterOutput:
   """What a router returns.
 
   Attributes:
-    plan: the assignments.
+    plan: the assignments; plan.token indexes the rows of `rows(x)` (the tokens).
     logits: float32[T, E_all], router logits (E_all counts null experts where a
       router has them).
     probs: float32[T, E_all], the distribution the balance losses and metrics read.
     losses: unweighted scalar losses by name; weights come from the layer config.
     metrics: router-specific metrics by name.
+    counts: float32[E], this call's selection counts before capacity (the
+      `global` balance scope sums them over a step), or None.
+    carry: state handed to the next MoE layer of the model, or None.
+
+  The layer runs y = to_tokens(engine(rows(x), plan, experts)). For a plan over
+  tokens both are the identity; a router whose rows mix tokens (Soft MoE's
+  slots) returns a subclass that maps tokens to rows and rows back to tokens.
   """
 
   plan: RoutingPlan
@@ -121,6 +128,22 @@ class RouterOutput:
   probs: Array
   losses: Mapping[str, Array] = flax.struct.field(default_factory=dict)
   metrics: Mapping[str, Array] = flax.struct.field(default_factory=dict)
+  counts: Optional[Array] = None
+  carry: Optional[Any] = None
+
+  def rows(self, x: Array) -> Array:
+    """x [T, D] -> the rows [R, D] the plan's `token` indexes: x itself."""
+    return x
+
+  def to_tokens(self, y: Array, num_tokens: int) -> Array:
+    """The engine's output over the rows [R, D] -> y [T, D]: the same array."""
+    del num_tokens
+    return y
+
+  @property
+  def token_plan(self) -> RoutingPlan:
+    """The assignments as tokens to experts, for metrics and analysis: the plan."""
+    return self.plan
 
 
 @flax.struct.dataclass
@@ -137,8 +160,9 @@ class RoutingContext:
     carry: recurrent router state handed from the previous MoE layer.
     token_ids: int32[B, L], input token ids (hash routing).
     capacity: an externally set capacity per expert.
-    global_counts: {"layer_<i>": float32[E]}, selection counts of the whole
-      optimizer step (all devices and micro-batches), for `global` balance scope.
+    global_counts: float32[E], this layer's selection counts over the whole
+      optimizer step (all devices and micro-batches), for the `global` balance
+      scope (StepNeeds.counts_for_loss).
     causal: True inside a causal (decoder) model; routers that look at other
       tokens of the sequence must refuse it.
     data_shards: how many data-parallel shards the batch is split into, for the
@@ -153,9 +177,18 @@ class RoutingContext:
   carry: Optional[Any] = None
   token_ids: Optional[Array] = None
   capacity: Optional[Any] = None
-  global_counts: Optional[Mapping[str, Array]] = None
+  global_counts: Optional[Array] = None
   causal: bool = flax.struct.field(pytree_node=False, default=False)
   data_shards: int = flax.struct.field(pytree_node=False, default=1)
+
+  def restricted(self, fields) -> "RoutingContext":
+    """This context with only `fields` (and segment_ids, layer, causal, data_shards:
+    every router must know padding) set: what a router that declares
+    context_fields = fields receives."""
+    keep = set(fields) | {"layer", "segment_ids"}
+    return self.replace(**{f: None for f in ("positions", "segment_ids", "step", "attention",
+                                             "carry", "token_ids", "capacity",
+                                             "global_counts") if f not in keep})
 
   def token_mask(self, num_tokens: int) -> Array:
     """bool[T]: the real tokens of the flattened batch (segment id > 0); every

@@ -2,7 +2,9 @@
 
 All functions are O(A log A) and keep static shapes. Invalid slots are put in an
 extra group E that sorts last, so the first sum(group_sizes) sorted slots are
-exactly the valid ones, grouped by expert in ascending order.
+exactly the valid ones, grouped by expert in ascending order. The row helpers
+exclusive_cumsum and read_rows are the kernels' (pallas_kernels.rows), offered
+here with the rest.
 """
 from __future__ import annotations
 
@@ -10,6 +12,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.rows import exclusive_cumsum, read_rows
+
+__all__ = ["choice_rank", "exclusive_cumsum", "expert_counts", "padded_layout",
+           "position_in_expert", "read_rows", "sort_by_expert"]
 
 Array = jax.Array
 
@@ -45,11 +52,6 @@ def sort_by_expert(expert: Array, valid: Array, num_experts: int,
   else:
     order = jnp.lexsort((priority, key))
   return order.astype(jnp.int32), expert_counts(expert, valid, num_experts)
-
-
-def exclusive_cumsum(a: Array, axis: int = 0) -> Array:
-  """Sum of the entries before each one along `axis`: group sizes -> group starts."""
-  return jnp.cumsum(a, axis=axis) - a
 
 
 def position_in_expert(expert: Array, valid: Array, num_experts: int,
@@ -99,8 +101,3 @@ def padded_layout(expert: Array, valid: Array, num_experts: int,
   starts = exclusive_cumsum(padded_sizes)
   dest = jnp.where(valid, starts[jnp.where(valid, expert, 0)] + position, num_rows)
   return dest.astype(jnp.int32), padded_sizes.astype(jnp.int32), num_rows
-
-
-def read_rows(x: Array, index: Array) -> Array:
-  """x[index] along the first axis; an index outside x reads a zero row."""
-  return x.at[index].get(mode="fill", fill_value=0)

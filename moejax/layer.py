@@ -13,22 +13,23 @@ F -> F/m hidden width, so active and total FLOPs stay those of (E, K, F).
 Shared experts: K_s always-on experts of width F/m, run as one dense FFN of width
 K_s * F/m.
 
-Besides the router's own losses the layer offers two, weighted by `loss_weights`:
-  tsallis  balance.tsallis_loss of the router distribution, q = tsallis_q
-           (DynMoLE 2025); always reported, weighted 0 unless set.
+Besides the router's own losses the layer offers two, computed only when
+weighted (`loss_weights`):
+  tsallis  balance.tsallis_entropy of the router distribution, q = tsallis_q,
+           averaged over the real tokens (DynMoLE 2025).
   erc      expert-router coupling ("Coupling Experts and Routers in MoE via an
-           Auxiliary Loss", 2025), computed only when its weight is positive: the
-           router's expert vectors (columns of W_g), perturbed in training by
-           multiplicative noise U(1 - erc_noise, 1 + erc_noise), are run through
-           every expert; M_ij is the norm of expert i's intermediate activation on
-           proxy j (act(p W_i) or act(p W_gate,i) * (p W_up,i)); balance.erc_loss
-           penalises M for not being diagonal, and the metrics report its diagonal
-           dominance. The cost is E^2 expert activations, whatever the batch.
+           Auxiliary Loss", 2025): the router's expert vectors (columns of W_g),
+           perturbed in training by multiplicative noise U(1 - erc_noise,
+           1 + erc_noise), are run through every expert; M_ij is the norm of
+           expert i's intermediate activation on proxy j (act(p W_i) or
+           act(p W_gate,i) * (p W_up,i)); balance.erc_loss penalises M for not
+           being diagonal, and the metrics report its diagonal dominance. The
+           cost is E^2 expert activations, whatever the batch.
 
-Soft MoE (router `soft`) has no assignment list: the layer mixes tokens into
-slots, runs the slots through the same engine and experts (moejax.soft_moe) and
-combines; `aux.plan` then holds each token's expert of largest combine mass, for
-analysis, and `experts_per_token` the slot rows per token (its compute).
+Every router takes one path: the engine runs the plan over the router output's
+rows (the tokens; Soft MoE's slot mixes) and `to_tokens` maps the result back, so
+the layer never asks which router it runs. Padding (RoutingContext.segment_ids 0)
+is routed nowhere and left out of the layer's losses and metrics.
 
 Expert parallelism: with `expert_parallel` set (a parallel.ExpertParallel) and a
 mesh in context (jax.set_mesh), the experts run sharded over the mesh's `expert`
@@ -41,10 +42,14 @@ allow_noncausal is set (routers.check_causal).
 
 Router state that is not a parameter (the aux-free bias and its step counts)
 lives in the `routing` collection; `update_routing()`, applied with
-mutable=['routing'] after the optimizer step, lets the router update it.
+mutable=['routing'] after the optimizer step, lets the router update it. What a
+model or training step must do for the router (a carry to the next MoE layer,
+attention probabilities, a second pass, step counts) is declared by the router
+(routers/base.py) and read here through `router_spec` and `step_needs`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -53,8 +58,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from moejax import balance, capacity, dispatch, metrics, parallel, routers, soft_moe, validation
-from moejax.core import RoutingContext, RoutingPlan
+from moejax import balance, capacity, dispatch, metrics, parallel, routers, validation
+from moejax.core import RouterOutput, RoutingContext, RoutingPlan
 from moejax.experts import FFNWeights, dense_matmul
 
 Array = jax.Array
@@ -73,14 +78,19 @@ class MoEAux(flax.struct.PyTreeNode):
       entropy), `router_marginal_entropy` (entropy of the mean distribution),
       `dropped`, `dropped_share`, the ERC diagonal dominance when the ERC loss
       is on, and the router's own metrics.
-    plan: the executed RoutingPlan (after capacity), for analysis; for Soft MoE
-      each token's expert of largest combine mass.
+    plan: the assignments of tokens to experts after capacity, for analysis (for
+      Soft MoE each token's expert of largest combine mass).
+    counts: float32[E], the router's selection counts before capacity, or None
+      (StepNeeds.counts_for_loss sums them over a step).
+    carry: what the router hands to the next MoE layer, or None.
   """
 
   loss: Array
   losses: dict[str, Array]
   metrics: dict[str, Array]
   plan: RoutingPlan
+  counts: Optional[Array] = None
+  carry: Optional[Any] = None
 
 
 class MoE(nn.Module):
@@ -106,9 +116,12 @@ class MoE(nn.Module):
     activation: `silu`, `gelu` or `relu`.
     granularity: m, fine-grained expert split.
     num_shared_experts: K_s, always-on experts.
-    loss_weights: weight of each loss in `aux.loss`: the router's losses, and
-      `tsallis` and `erc` of the layer; missing names weigh 0. None: the
-      router's default_loss_weights.
+    loss_weights: weight of each loss in `aux.loss`, by name: the router's losses
+      and the layer's `tsallis` and `erc`. None: the router's
+      default_loss_weights; in a mapping, a name missing weighs 0, a None entry
+      takes the router's default, and names the router does not return are
+      refused unless their weight is 0 or None (one table may serve every
+      router, as a config's does).
     tsallis_q: q of the Tsallis entropy.
     erc_noise: multiplicative noise on the ERC proxies (training only).
     erc_form: `ce` or `margin` (see balance.erc_loss).
@@ -167,39 +180,66 @@ class MoE(nn.Module):
         raise ValueError(f"router_kwargs.{reserved} is set by the layer (its {reserved} "
                          f"and granularity); set MoE.{reserved} instead")
     router = self.make_router(parent=None)
-    known = list(router.loss_names) + list(LAYER_LOSSES)
-    for name, weight in self.resolved_loss_weights.items():
-      if name not in known:
-        raise ValueError(f"loss_weights has {name!r}, which neither router {self.router!r} "
-                         f"nor the layer returns; losses: {known}")
-      validation.in_range(f"loss_weights.{name}", weight, 0, float("inf"))
+    object.__setattr__(self, "_router_spec", router)
+    self.resolved_loss_weights  # validates loss_weights  # pylint: disable=pointless-statement
     validation.in_range("tsallis_q", self.tsallis_q, 0, float("inf"), low_open=True)
     validation.in_range("erc_noise", self.erc_noise, 0, 1, high_open=True)
     validation.one_of("erc_form", self.erc_form, balance.ERC_FORMS)
     validation.in_range("erc_margin", self.erc_margin, 0, 1, low_open=True)
-    if self.uses_erc and not hasattr(router, "expert_embeddings"):
+    if self.uses_erc and not router.has_expert_embeddings:
       raise ValueError(f"loss_weights.erc needs a router with expert vectors; router "
                        f"{self.router!r} has none")
-    if getattr(router, "mixes_tokens", False) and self.capacity_factor is not None:
-      raise ValueError(f"capacity_factor must be None for router {self.router!r}: Soft MoE "
-                       f"has a fixed number of slots and drops nothing")
+    if router.mixes_tokens and self.capacity_factor is not None:
+      raise ValueError(f"capacity_factor must be None for router {self.router!r}: its rows "
+                       "mix tokens (a fixed number of slots) and nothing is dropped")
     if self.expert_parallel is not None:
       if not isinstance(self.expert_parallel, parallel.ExpertParallel):
         raise TypeError("expert_parallel must be None or a moejax.parallel.ExpertParallel, "
                         f"got {self.expert_parallel!r}")
-      if getattr(router, "mixes_tokens", False):
+      if router.mixes_tokens:
         raise ValueError(f"expert_parallel is not supported for router {self.router!r}: "
-                         "Soft MoE mixes tokens into slots; set expert_parallel=None")
+                         "its rows mix tokens; set expert_parallel=None")
     FFNWeights(self.expert_hidden_dim, self.routed_experts, self.expert_type,
                self.activation, parent=None)
     super().__post_init__()
 
   @property
+  def router_spec(self) -> routers.Router:
+    """This layer's router, unbound: what the model and the train step ask about
+    it (the declarations of routers/base.py)."""
+    return self._router_spec
+
+  @property
   def resolved_loss_weights(self) -> dict[str, float]:
-    """loss_weights, or the router's defaults when None."""
+    """The weight of every loss the router or the layer returns that weighs more
+    than 0 (see `loss_weights`); ValueError, naming the entry, for a bad one."""
+    defaults = dict(routers.get(self.router).default_loss_weights)
     if self.loss_weights is None:
-      return dict(routers.get(self.router).default_loss_weights)
-    return dict(self.loss_weights)
+      return defaults
+    known = tuple(routers.get(self.router).loss_names) + LAYER_LOSSES
+    weights = {}
+    for name, weight in self.loss_weights.items():
+      if weight is None:
+        weight = defaults.get(name, 0.0)
+      validation.in_range(f"loss_weights.{name}", weight, 0, float("inf"))
+      if name not in known:
+        if weight:
+          raise ValueError(f"loss_weights.{name} is {weight}, but neither router "
+                           f"{self.router!r} nor the layer returns a loss named {name!r}; "
+                           f"losses: {list(known)}")
+        continue
+      if weight:
+        weights[name] = float(weight)
+    return weights
+
+  @property
+  def step_needs(self) -> routers.StepNeeds:
+    """What the training step must do for this layer's router; the step's counts
+    only while the loss they serve is weighted."""
+    needs = self.router_spec.step_needs
+    if needs.counts_for_loss and not self.resolved_loss_weights.get(needs.counts_for_loss):
+      needs = dataclasses.replace(needs, counts_for_loss=None)
+    return needs
 
   @property
   def routed_experts(self) -> int:
@@ -248,73 +288,54 @@ class MoE(nn.Module):
     deterministic = self._resolve_deterministic(deterministic)
     ctx = RoutingContext() if ctx is None else ctx
     num_tokens, num_experts = batch * length, self.routed_experts
+    real = ctx.token_mask(num_tokens)
 
     if ctx.causal:
       routers.check_causal(self.router_module)
-    routed = self.router_module(x, ctx, deterministic=deterministic)
-    if getattr(self.router_module, "mixes_tokens", False):   # Soft MoE: a SoftRouting
-      return self._soft(x, routed)
+    routed: RouterOutput = self.router_module(x, ctx, deterministic=deterministic)
     plan, cap = routed.plan, None
     drop_metrics = {"dropped": jnp.zeros((), jnp.float32),
                     "dropped_share": jnp.zeros((), jnp.float32)}
     if self.capacity_factor is not None:
-      cap = capacity.capacity(num_tokens, plan.num_slots // num_tokens, num_experts,
-                              self.capacity_factor)
+      cap = capacity.capacity(plan.num_slots, 1, num_experts, self.capacity_factor)
       plan, drop_metrics = capacity.apply_capacity(plan, routed.probs, num_experts, cap,
                                                    self.drop_policy)
 
     tokens = x.reshape(num_tokens, model_dim).astype(self.dtype)
     ffn = self.experts(model_dim)
+    rows = routed.rows(tokens)
     if self.expert_parallel is None:
-      y = self._make_engine()(tokens, plan, ffn, capacity=cap)
+      y = self._make_engine()(rows, plan, ffn, capacity=cap)
     else:
       y, ep_metrics = parallel.sharded_experts(
-          tokens, plan, ffn, self._make_engine(), self.expert_parallel,
-          token_major=getattr(self.router_module, "plan_layout", "token_major")
-          == "token_major")
+          rows, plan, ffn, self._make_engine(), self.expert_parallel,
+          token_major=self.router_spec.plan_layout == "token_major")
       drop_metrics = {**drop_metrics, **ep_metrics}
+    y = routed.to_tokens(y, num_tokens)
     if self.num_shared_experts:
       y = y + self._shared(tokens)
     losses, aux_metrics = dict(routed.losses), {**routed.metrics, **drop_metrics}
+    weights = self.resolved_loss_weights
+    if "tsallis" in weights:
+      losses["tsallis"] = metrics.masked_mean(
+          balance.tsallis_entropy(routed.probs, self.tsallis_q), real)
     if self.uses_erc:
       norms = self._erc_activations(ffn, deterministic)
       losses["erc"] = balance.erc_loss(norms, self.erc_form, self.erc_margin)
       aux_metrics.update(balance.diagonal_dominance(norms))
-    aux = self._aux(plan, routed.probs, losses, aux_metrics, num_tokens)
+    aux_metrics = {**metrics.plan_metrics(plan, num_experts, jnp.sum(real)),
+                   "router_entropy": metrics.entropy(routed.probs, real),
+                   "router_marginal_entropy": metrics.marginal_entropy(routed.probs, real),
+                   **aux_metrics}
+    loss = sum((weights.get(k, 0.0) * v for k, v in losses.items()), jnp.zeros((), jnp.float32))
+    aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics,
+                 plan=routed.token_plan if self.router_spec.mixes_tokens else plan,
+                 counts=routed.counts, carry=routed.carry)
     return y.reshape(batch, length, model_dim), aux
 
   def _shared(self, tokens: Array) -> Array:
     """The shared experts' output on tokens [T, D]."""
     return self.shared_experts(tokens.shape[-1])(tokens, dense_matmul)
-
-  def _aux(self, plan: RoutingPlan, probs: Array, losses: dict[str, Array],
-           extra_metrics: dict[str, Array], num_tokens: int) -> MoEAux:
-    """Adds the Tsallis loss and the plan and router metrics (extra_metrics win
-    over the plan's), weighs the losses."""
-    losses = {**losses, "tsallis": balance.tsallis_loss(probs, self.tsallis_q)}
-    aux_metrics = {**metrics.plan_metrics(plan, self.routed_experts, num_tokens),
-                   "router_entropy": metrics.entropy(probs),
-                   "router_marginal_entropy": metrics.marginal_entropy(probs),
-                   **extra_metrics}
-    weights = self.resolved_loss_weights
-    loss = sum((weights.get(k, 0.0) * v for k, v in losses.items()),
-               jnp.zeros((), jnp.float32))
-    return MoEAux(loss=loss, losses=losses, metrics=aux_metrics, plan=plan)
-
-  def _soft(self, x: Array, routing) -> tuple[Array, MoEAux]:
-    """Soft MoE: slots through the engine and experts (moejax.soft_moe)."""
-    batch, length, model_dim = x.shape
-    num_tokens = batch * length
-    x = x.astype(self.dtype)
-    ffn = self.experts(model_dim)
-    y = soft_moe.soft_moe(x, routing, self._make_engine(), ffn)
-    if self.num_shared_experts:
-      y = y + self._shared(x.reshape(num_tokens, model_dim)).reshape(x.shape)
-    slot_rows = batch * self.routed_experts * routing.slots_per_expert
-    zero = jnp.zeros((), jnp.float32)
-    extra = {"dropped": zero, "dropped_share": zero,
-             "experts_per_token": jnp.asarray(slot_rows / num_tokens, jnp.float32)}
-    return y, self._aux(soft_moe.summary_plan(routing), routing.probs, {}, extra, num_tokens)
 
   @property
   def uses_erc(self) -> bool:
@@ -334,13 +355,11 @@ class MoE(nn.Module):
 
   def update_routing(self) -> None:
     """After an optimizer step: let the router update its `routing` state."""
-    update = getattr(self.router_module, "update_state", None)
-    if update is not None:
-      update()
+    self.router_module.update_state()
 
   def _resolve_deterministic(self, deterministic: Optional[bool]) -> bool:
     if deterministic is None and self.deterministic is None:
-      if getattr(self.router_module, "uses_rng", False):
+      if self.router_spec.uses_rng:
         raise ValueError("deterministic must be given (to the layer or the call): router "
                          f"{self.router!r} draws training noise")
       if self.uses_erc and self.erc_noise > 0:

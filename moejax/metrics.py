@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -41,22 +43,36 @@ def row_entropy(probs: Array) -> Array:
   return -jnp.sum(jnp.where(positive, safe * jnp.log(safe), 0.0), axis=-1)
 
 
-def entropy(probs: Array) -> Array:
-  """Mean over tokens of the entropy (nats) of each row of probs [T, E]."""
-  return jnp.mean(row_entropy(probs))
+def masked_mean(values: Array, mask: Optional[Array] = None, axis=None) -> Array:
+  """Mean of values over the entries where mask [T] is True (all without a mask);
+  0 when none is."""
+  values = values.astype(jnp.float32)
+  if mask is None:
+    return jnp.mean(values, axis=axis)
+  mask = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)).astype(jnp.float32)
+  total = jnp.sum(values * mask, axis=axis)
+  return total / jnp.maximum(jnp.sum(jnp.broadcast_to(mask, values.shape), axis=axis), 1.0)
 
 
-def marginal_entropy(probs: Array) -> Array:
-  """Entropy (nats) of the mean distribution P = mean_t p_t of probs [T, E]."""
-  return entropy(jnp.mean(probs.reshape(-1, probs.shape[-1]).astype(jnp.float32), axis=0))
+def entropy(probs: Array, mask: Optional[Array] = None) -> Array:
+  """Mean over the (masked) tokens of the entropy (nats) of each row of probs [T, E]."""
+  return masked_mean(row_entropy(probs), mask)
 
 
-def plan_metrics(plan: RoutingPlan, num_experts: int, num_tokens: int) -> dict[str, Array]:
-  """Per-expert load [E] (float32 counts), MaxVio, load CV and experts per token."""
+def marginal_entropy(probs: Array, mask: Optional[Array] = None) -> Array:
+  """Entropy (nats) of the mean distribution P = mean_t p_t over the (masked)
+  tokens of probs [T, E]."""
+  probs = probs.reshape(-1, probs.shape[-1])
+  return entropy(masked_mean(probs, mask, axis=0))
+
+
+def plan_metrics(plan: RoutingPlan, num_experts: int, num_tokens) -> dict[str, Array]:
+  """Per-expert load [E] (float32 counts), MaxVio, load CV and experts per token
+  (num_tokens: the real tokens, an int or a traced count)."""
   counts = grouping.expert_counts(plan.expert, plan.valid, num_experts).astype(jnp.float32)
   return {
       "load": counts,
       "max_violation": max_violation(counts),
       "load_cv": coefficient_of_variation(counts),
-      "experts_per_token": jnp.sum(counts) / num_tokens,
+      "experts_per_token": jnp.sum(counts) / jnp.maximum(num_tokens, 1),
   }

@@ -1,23 +1,15 @@
-"""Checks shared by routers and the layer; each error names its field."""
+"""Checks shared by routers and the layer; each error names its field.
+
+positive_int, positive_fields and one_of are the kernels' own checks
+(pallas_kernels.checks), offered here with in_range as moejax's one set.
+"""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
+from pallas_kernels.checks import one_of, positive_fields, positive_int
 
-def positive_int(field: str, value: Any, minimum: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
-
-
-def positive_fields(obj: Any, names: Sequence[str]) -> None:
-  """positive_int for each named field of obj."""
-  for name in names:
-    positive_int(name, getattr(obj, name))
-
-
-def one_of(field: str, value: Any, choices: Sequence[Any]) -> None:
-  if value not in choices:
-    raise ValueError(f"{field} must be one of {tuple(choices)}, got {value!r}")
+__all__ = ["in_range", "one_of", "positive_fields", "positive_int"]
 
 
 def in_range(field: str, value: Any, low: float, high: float,

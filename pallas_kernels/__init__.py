@@ -7,6 +7,10 @@
 `gmm` and `combine` are differentiable with grouped backward passes. Kernels
 target GPU (Triton) and TPU (Mosaic) and run in interpret mode on CPU; tiles are
 set per pass (GmmTiling). moejax's `sorted` engine uses them as backend `pallas`.
+
+The package imports only jax. Its small helpers (checks: field checks; rows:
+group starts and zero-filling gathers; varying: shard_map's varying mesh axes)
+serve moejax too, which imports them from here.
 """
 from pallas_kernels.ops import KernelSettings, TARGETS, combine, default_target, gmm, tgmm
 from pallas_kernels.tiling import DEFAULT_TILING, GmmTiling, Tiles

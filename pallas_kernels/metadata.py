@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.grouping import exclusive_cumsum
+from pallas_kernels.rows import exclusive_cumsum
 
 Array = jax.Array
 

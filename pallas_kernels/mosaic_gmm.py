@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moejax.varying import shape_like
+from pallas_kernels.varying import shape_like
 from pallas_kernels.metadata import GroupTiles
 from pallas_kernels.tiling import Tiles
 

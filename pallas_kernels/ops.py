@@ -32,12 +32,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from moejax import validation
-from moejax.grouping import read_rows
-from moejax.varying import cotangent, vary_like
-from pallas_kernels import metadata, mosaic_gmm, triton_combine, triton_gmm
+from pallas_kernels import checks, metadata, mosaic_gmm, triton_combine, triton_gmm
+from pallas_kernels.rows import read_rows
 from pallas_kernels.tiling import ALIGN, DEFAULT_TILING, GmmTiling, Tiles, fit_dim, round_up
 from pallas_kernels.triton_combine import CombineTiles
+from pallas_kernels.varying import cotangent, vary_like
 
 Array = jax.Array
 TARGETS = ("triton", "mosaic")
@@ -70,11 +69,11 @@ class KernelSettings:
 
   def __post_init__(self):
     if self.target is not None:
-      validation.one_of("target", self.target, TARGETS)
+      checks.one_of("target", self.target, TARGETS)
     if self.tiling is not None and not isinstance(self.tiling, GmmTiling):
       raise TypeError(f"tiling must be a GmmTiling, got {self.tiling!r}")
-    validation.positive_int("num_warps", self.num_warps)
-    validation.positive_int("num_stages", self.num_stages)
+    checks.positive_int("num_warps", self.num_warps)
+    checks.positive_int("num_stages", self.num_stages)
 
   def resolved(self) -> "KernelSettings":
     target = self.target or default_target()
@@ -269,7 +268,7 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, group_offset=0, *,
          settings: Optional[KernelSettings] = None) -> Array:
   """Per-group lhs^T grad: [num_local (default E), K, N] (module docstring)."""
   num_local = group_sizes.shape[0] if num_local is None else num_local
-  validation.positive_int("num_local", num_local)
+  checks.positive_int("num_local", num_local)
   rows = grad.shape[0]
   if (lhs.shape[0] if row_index is None else row_index.shape[0]) != rows:
     raise ValueError(f"lhs rows (or row_index) and grad rows differ: {lhs.shape}, "
@@ -329,6 +328,6 @@ def combine(rows: Array, row_index: Array, weight: Array, num_tokens: int, *,
   if rows.ndim != 2 or row_index.shape != rows.shape[:1] or weight.shape != rows.shape[:1]:
     raise ValueError(f"combine takes rows [R, D], row_index [R], weight [R]; got "
                      f"{rows.shape}, {row_index.shape}, {weight.shape}")
-  validation.positive_int("num_tokens", num_tokens)
+  checks.positive_int("num_tokens", num_tokens)
   return _combine(rows, _outside_as(row_index, num_tokens), weight, num_tokens,
                   _settings(settings))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax import validation
+from pallas_kernels import checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Tiles:
   block_n: int = 128
 
   def __post_init__(self):
-    validation.positive_fields(self, ("block_m", "block_k", "block_n"))
+    checks.positive_fields(self, ("block_m", "block_k", "block_n"))
 
   def fit(self, m: int, k: int, n: int, align: int = 1) -> "Tiles":
     """These tiles shrunk to the problem: no tile exceeds its dimension (rounded

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax import validation
-from moejax.varying import shape_like
+from pallas_kernels import checks
+from pallas_kernels.varying import shape_like
 
 Array = jax.Array
 F32 = jnp.float32
@@ -35,7 +35,7 @@ class CombineTiles:
   block_d: int = 128
 
   def __post_init__(self):
-    validation.positive_fields(self, ("block_t", "block_s", "block_d"))
+    checks.positive_fields(self, ("block_t", "block_s", "block_d"))
 
 
 def _whole(shape):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax.varying import shape_like
+from pallas_kernels.varying import shape_like
 from pallas_kernels.metadata import GroupTiles
 from pallas_kernels.tiling import Tiles
 

@@ -87,6 +87,20 @@ def tiny_config(data_dir: str, name: str = "synthetic_domains", **overrides):
   return config
 
 
+def import_blocker(blocked: tuple[str, ...], why: str) -> str:
+  """Python source that makes every later import of the packages `blocked` (and
+  their submodules) fail with `<name> <why>`: the preamble of a `python -c` run
+  that must work without them."""
+  return f"""
+import importlib.abc, sys
+class Blocked(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split(".")[0] in {tuple(blocked)!r}:
+      raise ImportError(f"{{name}} {why}")
+sys.meta_path.insert(0, Blocked())
+"""
+
+
 def subprocess_env(devices: int = 1) -> dict[str, str]:
   """The environment of a run a test starts: `devices` simulated CPU devices, this
   repository importable, and the suite's other XLA flags and compilation cache."""

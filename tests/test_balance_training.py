@@ -359,12 +359,21 @@ def test_erc_noise_is_bounded_and_only_in_training():
     noisy.apply(variables, x)   # training noise needs an explicit mode
 
 
-def test_erc_is_not_computed_at_weight_zero():
+def test_layer_losses_are_computed_only_when_weighted():
   layer = MoE(num_experts=4, top_k=2, hidden_dim=8, block_size=8)
-  x = jnp.ones((1, 3, 6))
-  _, aux = layer.apply(layer.init(jax.random.PRNGKey(0), x), x)
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 6))
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  _, aux = layer.apply(variables, x)
   assert "erc" not in aux.losses and "erc_diagonal_share" not in aux.metrics
-  assert "tsallis" in aux.losses
+  assert "tsallis" not in aux.losses
+  weighted = layer.clone(loss_weights={"switch": 1e-2, "z": 1e-3, "tsallis": 0.5})
+  _, aux = weighted.apply(variables, x)
+  probs = jax.nn.softmax(x.reshape(3, 6) @ nn.meta.unbox(
+      variables["params"]["router"]["gate"]["kernel"]))
+  want = jnp.mean(1.0 - jnp.sum(probs ** 2, axis=-1))     # S_2 = 1 - sum_e p^2, q = 2
+  np.testing.assert_allclose(aux.losses["tsallis"], want, rtol=1e-5)
+  np.testing.assert_allclose(aux.loss, 1e-2 * aux.losses["switch"] + 1e-3 * aux.losses["z"]
+                             + 0.5 * want, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -377,7 +386,8 @@ def test_erc_is_not_computed_at_weight_zero():
     ({"loss_weights": {"switch": -0.01}}, "loss_weights.switch"),
     ({"loss_weights": {"erc": -1.0}}, "loss_weights.erc"),
     ({"loss_weights": {"tsallis": -1.0}}, "loss_weights.tsallis"),
-    ({"loss_weights": {"entropy": 1.0}}, "loss_weights has 'entropy'"),
+    ({"loss_weights": {"entropy": 1.0}}, "loss_weights.entropy is 1.0, but neither router "
+                                         "'topk' nor the layer returns a loss named 'entropy'"),
     ({"tsallis_q": 0.0}, "tsallis_q"),
     ({"tsallis_q": -2.0}, "tsallis_q"),
     ({"erc_noise": 1.0}, "erc_noise"),

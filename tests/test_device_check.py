@@ -12,18 +12,15 @@ import sys
 import pytest
 
 from moejax.dispatch import gmm as gmm_backends
+from tests.helpers import import_blocker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "device_check.py")
 # What an accelerator machine lacks: the script must not import any of these.
 BLOCKED = ("ml_collections", "grain", "tensorflow_datasets", "tensorflow", "array_record")
-RUN_WITHOUT_DATA_EXTRAS = f"""
-import importlib.abc, runpy, sys
-class Blocked(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path, target=None):
-    if name.split(".")[0] in {BLOCKED!r}:
-      raise ImportError(f"{{name}} is not installed on an accelerator machine")
-sys.meta_path.insert(0, Blocked())
+RUN_WITHOUT_DATA_EXTRAS = import_blocker(
+    BLOCKED, "is not installed on an accelerator machine") + """
+import runpy
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -185,8 +185,8 @@ SMALL = ["--tokens", "16", "--model_dim", "8", "--hidden_dim", "8", "--experts",
      "argument --capacity_factor: must be finite and > 0, got -1.5"),
     (["--capacity_factor", "inf"], "argument --capacity_factor: must be finite and > 0, got inf"),
     (["--capacity_factor", "1", "--router", "soft"],
-     "capacity_factor must be None for router 'soft': Soft MoE has a fixed number of slots "
-     "and drops nothing"),
+     "capacity_factor must be None for router 'soft': its rows mix tokens (a fixed number "
+     "of slots) and nothing is dropped"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_demo_bad_argument_is_one_line(argv, line, capsys):

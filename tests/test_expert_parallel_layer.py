@@ -80,7 +80,7 @@ def test_expert_parallel_needs_a_mesh_and_a_plan():
   with jax.set_mesh(make_mesh(1, 8, 1)):
     with pytest.raises(ValueError, match=r"tokens per call B\*L = 12 must be divisible"):
       layer.apply(variables, x[:, :3])
-  with pytest.raises(ValueError, match="Soft MoE"):
+  with pytest.raises(ValueError, match="rows mix tokens"):
     MoE(num_experts=8, hidden_dim=16, router="soft", expert_parallel=ExpertParallel())
   with pytest.raises(TypeError, match="ExpertParallel"):
     MoE(num_experts=8, hidden_dim=16, expert_parallel="all_to_all")

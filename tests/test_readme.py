@@ -87,10 +87,28 @@ def check_kernels_example(ns: dict) -> None:
   assert np.all(np.bincount(rows, minlength=6) == 2)
 
 
+def check_router_example(ns: dict) -> None:
+  """Writing a router: the one-file router is registered and runs in the layer; the
+  layer weighs its z-loss by the router's default 1e-3; each token gets 2 experts;
+  the carry is the [T, E] probabilities."""
+  from moejax import routers
+  try:
+    assert routers.get("carry_topk") is ns["CarryTopK"]
+    y, aux = ns["y"], ns["aux"]
+    assert y.shape == (2, 8, 16)
+    np.testing.assert_allclose(float(aux.loss), 1e-3 * float(aux.losses["z"]), rtol=1e-6)
+    assert float(aux.metrics["experts_per_token"]) == 2.0
+    assert aux.carry.shape == (16, 4)
+    np.testing.assert_allclose(np.asarray(aux.carry).sum(-1), np.ones(16), rtol=1e-6)
+  finally:
+    routers.unregister("carry_topk")
+
+
 CHECKS = {
     "class Block(nn.Module)": check_layer_example,
     '"aux_free": True': check_aux_free_example,
     "import pallas_kernels": check_kernels_example,
+    "(routers.Router)": check_router_example,
 }
 
 
@@ -103,7 +121,7 @@ def check_of(block: str):
 
 def test_every_python_block_has_one_check():
   blocks = python_blocks()
-  assert len(blocks) == len(CHECKS) == 3
+  assert len(blocks) == len(CHECKS) == 4
   assert sorted(check_of(b).__name__ for b in blocks) == sorted(c.__name__ for c in CHECKS.values())
 
 

@@ -50,7 +50,7 @@ def test_random_routing_consistency_loss_in_the_train_step():
   independent routing plus a times their symmetric KL, as computed here by hand."""
   weight = 0.7
   model, tx, batch = _lm("random", consistency_weight=weight), optax.sgd(0.0), _batch()
-  assert model.consistency_weight == weight
+  assert model.step_needs.consistency_weight == weight
   state = _state(model, tx, batch)
   rng = jax.random.key(3)
   new_state, metrics = jax.jit(make_train_step(model, tx))(state, batch, rng)
@@ -99,17 +99,17 @@ def test_router_zoo_configs_validate(router):
 
 
 def test_unset_loss_weights_take_the_router_defaults():
+  weights = lambda config: setup.build_model(config).moe.resolved_loss_weights
   config = _zoo("relu")
-  assert setup.moe_settings(config)["loss_weights"] == {"sparsity": 1.0, "switch": 1e-2}
+  assert weights(config) == {"sparsity": 1.0, "switch": 1e-2}
   config.moe.loss_weights.switch = 0.0
   config.moe.loss_weights.tsallis = 0.5
-  assert setup.moe_settings(config)["loss_weights"] == {"sparsity": 1.0, "switch": 0.0,
-                                                        "tsallis": 0.5}
+  assert weights(config) == {"sparsity": 1.0, "tsallis": 0.5}     # weight 0: not computed
   # The table is shared by all routers: a zero weight for a loss this router lacks is
   # ignored, a positive one is an error naming the field.
   config = _zoo("hash")
   config.moe.loss_weights.switch = 0.0
-  assert setup.moe_settings(config)["loss_weights"] == {}
+  assert weights(config) == {}
   config.moe.loss_weights.switch = 0.01
   with pytest.raises(ValueError, match=r"^moe\.loss_weights\.switch .*'hash'"):
     setup.check(config, num_devices=1)

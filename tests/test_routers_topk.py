@@ -219,8 +219,9 @@ GROUP8_COUNTS = np.array([
 
 
 def test_group_limited_k3_two_groups():
-  # K = 3, G_sel = 2: a group's score is the sum of its ceil(3 / 2) = 2 best p
-  # (here its whole pair).
+  # K = 3, G_sel = 2, group_score top2_sum (the default, DeepSeek-V3): a group's
+  # score is the sum of its 2 best p (here its whole pair; share_sum's
+  # ceil(3 / 2) = 2 is the same).
   # t0: g0 = .30+.01 = .31, g1 = .18+.17 = .35, g2 = .22, g3 = .12 -> g1, g0
   #     top-3 of {e0 .30, e1 .01, e2 .18, e3 .17} = e0, e2, e3.
   #     (Global top-3 would be e0, e4, e2; a max-per-group rule would keep g0, g2.)
@@ -235,7 +236,7 @@ def test_group_limited_k3_two_groups():
 
 
 def test_group_limited_k2_one_group():
-  # K = 2, G_sel = 1: group score = sum of its ceil(2 / 1) = 2 best p.
+  # K = 2, G_sel = 1: group score = sum of its 2 best p (top2_sum, the default).
   # t0: g1 (.35) wins over g0 (.31) -> e2 (.18), e3 (.17), though e0 (.30) and
   #     e4 (.20) are the global top-2.
   # t1: g0 (.31) wins -> e0 (.16), e1 (.15).
@@ -244,17 +245,32 @@ def test_group_limited_k2_one_group():
   _assert_plan(out, [[2, 3], [0, 1]], [[.18, .17], [.16, .15]])
 
 
-def test_group_limited_k2_two_groups_uses_group_max():
-  # K = 2, G_sel = 2: ceil(2 / 2) = 1, a group's score is its best p.
+@pytest.mark.parametrize("group_score", ["max", "share_sum"])
+def test_group_limited_k2_two_groups_uses_group_max(group_score):
+  # K = 2, G_sel = 2, group_score max (DeepSeek-V2), or share_sum with
+  # ceil(2 / 2) = 1: a group's score is its best p.
   # t0: g0 .30, g1 .18, g2 .20, g3 .10 -> g0, g2 -> top-2 of {e0, e1, e4, e5} = e0, e4.
   # t1: g0 .16, g1 .14, g2 .25, g3 .08 -> g2, g0 -> e4 (.25), e0 (.16).
-  router = routers.create("topk", num_experts=8, top_k=2, num_groups=4, groups_selected=2)
+  router = routers.create("topk", num_experts=8, top_k=2, num_groups=4, groups_selected=2,
+                          group_score=group_score)
   out = _route(router, np.log(GROUP8_COUNTS))
   _assert_plan(out, [[0, 4], [4, 0]], [[.30, .20], [.25, .16]])
 
 
+def test_group_limited_k2_two_groups_default_uses_top2_sum():
+  # The same case with the default top2_sum (DeepSeek-V3): the sum of 2 best p.
+  # t0: g0 .31, g1 .35, g2 .22, g3 .12 -> g1, g0 -> top-2 of {e0 .30, e1, e2 .18, e3}
+  #     = e0, e2 (max would keep g2's e4, .20, instead of e2).
+  # t1: g0 .31, g1 .27, g2 .26, g3 .16 -> g0, g1 -> e0 (.16), e1 (.15); the
+  #     global best, e4 (.25), is excluded.
+  router = routers.create("topk", num_experts=8, top_k=2, num_groups=4, groups_selected=2)
+  out = _route(router, np.log(GROUP8_COUNTS))
+  _assert_plan(out, [[0, 2], [0, 1]], [[.30, .18], [.16, .15]])
+
+
 def test_group_limited_top2_of_three():
-  # E = 12 in 4 groups of 3, K = 3, G_sel = 2: group score = sum of its 2 best p.
+  # E = 12 in 4 groups of 3, K = 3, G_sel = 2: group score = sum of its 2 best p
+  # (top2_sum, the default).
   #   n = [30, 1, 1 | 14, 11, 11 | 15, 13, 1 | 1, 1, 1], sum 100.
   #   top-2 sums: g0 = .31, g1 = .25, g2 = .28, g3 = .02 -> g0, g2
   #   top-3 of {e0 .30, e1, e2 .01, e6 .15, e7 .13, e8 .01} = e0, e6, e7.

@@ -17,7 +17,7 @@ import pytest
 from moejax import MoE, routers
 from moejax.core import RoutingContext
 from moejax.routers import expert_choice, hash_random, relu, sinkhorn, top_p
-from moejax.soft_moe import slot_plan
+from moejax.routers.soft import slot_plan
 
 
 def _identity_gate(name, logits, **kwargs):
@@ -263,7 +263,10 @@ def test_null_experts_by_hand():
   # E = 2 true experts (0, 1) and N = 2 nulls (2, 3), K = 2, logits = x.
   # t0 prefers experts 0 and 1; t1 prefers null 2, then expert 1.
   x = jnp.array([[2., 1., 0., 0.], [0., 1., 3., 0.]])
-  router = routers.create("null_experts", num_experts=2, num_null=2, top_k=2, reference_k=2)
+  # normalize_over='all' (the default, AdaMoE's 'true_experts', is in
+  # test_router_fidelity.py).
+  router = routers.create("null_experts", num_experts=2, num_null=2, top_k=2, reference_k=2,
+                          normalize_over="all")
   params = {"scores": {"gate": {"kernel": jnp.eye(4)}}}
   out = router.apply({"params": params}, x)
   plan = out.plan
@@ -413,7 +416,9 @@ CHI2_7_P001 = 24.32
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_random_routing_is_uniform(deterministic):
-  router = routers.create("random", num_experts=8, top_k=2)
+  # Per-token draws (in training the default, per_batch, gives every token the
+  # same experts: test_router_fidelity.py).
+  router = routers.create("random", num_experts=8, top_k=2, draw="per_token")
   x = jnp.zeros((4000, 3))
   plan = router.apply({}, x, RoutingContext(layer=0), deterministic=deterministic,
                       rngs={"router": jax.random.key(0)}).plan
@@ -432,7 +437,7 @@ def test_hash_routing_is_uniform_over_token_ids():
 
 
 def test_random_routing_draws_afresh_in_training_and_is_fixed_in_evaluation():
-  router = routers.create("random", num_experts=8, top_k=2)
+  router = routers.create("random", num_experts=8, top_k=2, draw="per_token")
   x = jnp.zeros((64, 3))
   train = lambda i: router.apply({}, x, deterministic=False,
                                  rngs={"router": jax.random.key(i)}).plan.expert
@@ -488,9 +493,17 @@ def test_soft_moe_matches_its_definition():
   np.testing.assert_allclose(aux.metrics["experts_per_token"], e * s / l, rtol=1e-6)
 
 
-def test_soft_default_slots_match_top_k_compute_and_slot_plan():
-  router = routers.create("soft", num_experts=4, top_k=2)
-  assert router.slots(16) == 8                  # E * S = L * K = 32 expert rows per sequence
+def test_soft_slots_are_fixed_at_construction_and_slot_plan():
+  """The parameters do not depend on the sequence length: initialised at L = 8 and
+  applied at L = 16 (S = 1 by default: E * S = 4 rows per sequence)."""
+  layer = MoE(num_experts=4, hidden_dim=8, router="soft",
+              router_kwargs={"allow_noncausal": True})
+  short, long = jnp.ones((2, 8, 6)), jnp.ones((2, 16, 6))
+  variables = layer.init(jax.random.PRNGKey(0), short)
+  assert variables["params"]["router"]["phi"].unbox().shape == (6, 4)
+  y, aux = layer.apply(variables, long)
+  assert y.shape == (2, 16, 6)
+  np.testing.assert_allclose(aux.metrics["experts_per_token"], 2 * 4 / 32)   # rows / tokens
   plan = slot_plan(2, 3, 2)
   np.testing.assert_array_equal(plan.expert, [0, 0, 1, 1, 2, 2] * 2)
   np.testing.assert_array_equal(plan.token, np.arange(12))

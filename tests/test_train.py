@@ -56,7 +56,7 @@ def test_run_logs_the_load_and_specialisation_metrics(seed0_run):
     np.testing.assert_allclose(train_record[f"layers/{layer}/step_max_violation"],
                                (max(load) - mean) / mean, rtol=1e-5)
     for key in ("max_violation", "load_cv", "router_entropy", "router_marginal_entropy",
-                "loss_switch", "loss_z", "loss_tsallis"):
+                "loss_switch", "loss_z"):
       assert np.isfinite(train_record[f"layers/{layer}/{key}"]), key
     # synthetic_domains is labelled: I(domain; expert) in [0, log 8] nats (0 here
     # when the 16 evaluated rows, read in order, hold a single document).

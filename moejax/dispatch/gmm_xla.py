@@ -29,8 +29,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from moejax.grouping import exclusive_cumsum, read_rows
-from moejax.varying import cotangent, vary_like
+from pallas_kernels.rows import exclusive_cumsum, read_rows
+from pallas_kernels.varying import cotangent, vary_like
 
 Array = jax.Array
 F32 = jnp.float32

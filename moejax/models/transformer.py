@@ -4,10 +4,15 @@
   Block: x + Attention(RMSNorm(x)), then x + FFN(RMSNorm(x))   (pre-norm)
 
 FFN is the moejax `MoE` layer in every `moe_every`-th block (blocks moe_every-1,
-2*moe_every-1, ...) and a dense FFN of width `mlp_dim` elsewhere. Each MoE layer
-gets a RoutingContext with the layer index, positions, segment ids, token ids,
-the step, causal=True and, when its router asks for it (`needs_attention`), the
-head-averaged attention probabilities of its block. Activations may be bfloat16;
+2*moe_every-1, ...) and a dense FFN of width `mlp_dim` elsewhere; `moe` is an MoE
+module (a template each MoE block clones, with the model's dtypes) or its
+keyword arguments. Each MoE layer's router receives a RoutingContext with the
+fields it declares (routers/base.py, context_fields) among the positions, token
+ids, the step, this layer's step counts (`global_counts`), the carry its router
+handed on at the previous MoE layer (None at the first; dense blocks pass it
+through), and the head-averaged attention probabilities of its block, computed
+only for a router that declares them; every router gets the segment ids, the
+layer index, causal=True and the data shards. Activations may be bfloat16;
 routers always compute in float32.
 
 The model returns the logits and {"layer_<i>": MoEAux} for its MoE layers; each
@@ -15,12 +20,11 @@ aux.loss is already weighted by the layer's loss_weights.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.core import FrozenDict
 
 from moejax import routers, validation
 from moejax.core import RoutingContext, layer_key
@@ -53,13 +57,13 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm transformer block; `moe` holds MoE settings or is None (dense)."""
+  """One pre-norm transformer block; `moe` is the MoE template, or None (dense)."""
 
   layer: int
   num_heads: int
   head_dim: int
   mlp_dim: int
-  moe: Optional[Mapping[str, Any]] = None
+  moe: Optional[MoE] = None
   expert_type: str = "glu"
   activation: str = "silu"
   rope_base: float = 10000.0
@@ -75,20 +79,21 @@ class Block(nn.Module):
       self.ffn = DenseFFN(self.mlp_dim, self.expert_type, self.activation, self.dtype,
                           self.param_dtype)
     else:
-      self.moe_layer = MoE(**self.moe, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="moe")
+      self.moe_layer = self.moe.clone(parent=self, name="moe", dtype=self.dtype,
+                                      param_dtype=self.param_dtype)
 
   def __call__(self, x: Array, ctx: RoutingContext, deterministic: bool
                ) -> tuple[Array, Optional[MoEAux]]:
-    wants_attention = self.moe is not None and getattr(
-        routers.get(self.moe.get("router", "topk")), "needs_attention", False)
+    """x [B, L, D] -> (x [B, L, D], the MoE layer's aux or None). `ctx` holds every
+    field the model offers; the router receives those it declares."""
+    reads = frozenset() if self.moe is None else self.moe.router_spec.context_fields
     h, probs = self.attention(self.attention_norm(x), ctx.positions, ctx.segment_ids,
-                              return_probs=wants_attention)
+                              return_probs="attention" in reads)
     x = x + h
     h = self.ffn_norm(x)
     if self.moe is None:
       return x + self.ffn(h), None
-    ctx = ctx.replace(layer=self.layer, attention=probs)
+    ctx = ctx.replace(layer=self.layer, attention=probs).restricted(reads)
     y, aux = self.moe_layer(h, ctx, deterministic=deterministic)
     return x + y, aux
 
@@ -107,7 +112,8 @@ class TransformerLM(nn.Module):
     num_heads: H.
     head_dim: Dh; defaults to D / H.
     mlp_dim: hidden width of the dense FFN blocks.
-    moe: MoE settings (keyword arguments of moejax.MoE); None for a dense model.
+    moe: the MoE layer, a moejax.MoE template (unbound, parent=None) or its keyword
+      arguments; None for a dense model.
     moe_every: every moe_every-th block is an MoE block.
     expert_type, activation: dense FFN type (`glu`/`mlp`) and activation.
     tie_embeddings: logits from the embedding matrix (else a separate head).
@@ -122,7 +128,7 @@ class TransformerLM(nn.Module):
   num_heads: int = 4
   head_dim: Optional[int] = None
   mlp_dim: int = 512
-  moe: Optional[Mapping[str, Any]] = None
+  moe: Optional[Union[MoE, Mapping[str, Any]]] = None
   moe_every: int = 1
   expert_type: str = "glu"
   activation: str = "silu"
@@ -140,8 +146,10 @@ class TransformerLM(nn.Module):
                        f"({self.model_dim}) unless model.head_dim is set")
     if self.resolved_head_dim % 2:
       raise ValueError(f"model.head_dim must be even for RoPE, got {self.resolved_head_dim}")
+    if self.moe is not None and not isinstance(self.moe, MoE):
+      object.__setattr__(self, "moe", MoE(**self.moe, parent=None))
     if self.moe is not None:
-      routers.check_causal(self._router_template())  # validates the MoE; the model is causal
+      routers.check_causal(self.moe.router_spec)                # the model is causal
     super().__post_init__()
 
   @property
@@ -152,25 +160,9 @@ class TransformerLM(nn.Module):
     return self.moe is not None and (layer + 1) % self.moe_every == 0
 
   @property
-  def uses_global_balance(self) -> bool:
-    """Whether a router balances over the whole step (needs RoutingContext.global_counts)."""
-    if self.moe is None:
-      return False
-    weights = MoE(**self.moe, parent=None).resolved_loss_weights
-    return (getattr(self._router_template(), "balance_scope", None) == "global"
-            and weights.get("switch", 0.0) > 0)
-
-  @property
-  def consistency_weight(self) -> float:
-    """Weight of THOR's consistency loss between two forward passes: the router's
-    `consistency_weight` (random routing), else 0."""
-    if self.moe is None:
-      return 0.0
-    return float(getattr(self._router_template(), "consistency_weight", 0.0))
-
-  def _router_template(self) -> nn.Module:
-    """The MoE layers' router, unbound (validates the MoE settings)."""
-    return MoE(**self.moe, model_dim=None, parent=None).make_router(parent=None)
+  def step_needs(self) -> routers.StepNeeds:
+    """What the training step must do for the model's routers (MoE.step_needs)."""
+    return routers.StepNeeds() if self.moe is None else self.moe.step_needs
 
   def setup(self):
     self.embed = nn.Embed(self.vocab_size, self.model_dim, dtype=self.dtype,
@@ -178,10 +170,10 @@ class TransformerLM(nn.Module):
                           embedding_init=nn.with_logical_partitioning(
                               nn.initializers.normal(self.model_dim ** -0.5),
                               ("vocab", "embed")))
-    moe = None if self.moe is None else FrozenDict(self.moe)
     self.blocks = [
         Block(layer, self.num_heads, self.resolved_head_dim, self.mlp_dim,
-              moe if self.is_moe_layer(layer) else None, self.expert_type, self.activation,
+              self.moe if self.is_moe_layer(layer) else None, self.expert_type,
+              self.activation,
               self.rope_base, self.dtype, self.param_dtype, name=f"block_{layer}")
         for layer in range(self.num_layers)]
     self.final_norm = rms_norm("final_norm", self.dtype, self.param_dtype)
@@ -199,20 +191,22 @@ class TransformerLM(nn.Module):
                data_shards: int = 1) -> tuple[Array, dict[str, MoEAux]]:
     """tokens int[B, L] -> (logits float32[B, L, V], {"layer_<i>": MoEAux}).
 
-    `global_counts` and `data_shards` go to the routers' RoutingContext (balance
-    scopes `global` and `microbatch`).
+    `global_counts` ({"layer_<i>": float32[E]}, the step's counts of each MoE
+    layer) and `data_shards` go to the routers' RoutingContext (balance scopes
+    `global` and `microbatch`).
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens)
     ctx = RoutingContext(positions=positions, segment_ids=segment_ids, step=step,
-                         token_ids=tokens, global_counts=global_counts, causal=True,
-                         data_shards=data_shards)
-    aux = {}
+                         token_ids=tokens, causal=True, data_shards=data_shards)
+    aux, carry = {}, None
     for layer, block in enumerate(self.blocks):
-      x, layer_aux = block(x, ctx, deterministic)
+      counts = None if global_counts is None else global_counts.get(layer_key(layer))
+      x, layer_aux = block(x, ctx.replace(carry=carry, global_counts=counts), deterministic)
       if layer_aux is not None:
         aux[layer_key(layer)] = layer_aux
+        carry = layer_aux.carry
     x = self.final_norm(x)
     if self.tie_embeddings:
       logits = x.astype(jnp.float32) @ jnp.asarray(self.embed.embedding, jnp.float32).T

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.experts import ExpertFFN
-from moejax.varying import vary_like
+from pallas_kernels.varying import vary_like
 
 Array = jax.Array
 

@@ -9,33 +9,57 @@ equally likely), with weights 1/K. They differ in what u depends on:
           a token id goes to the same experts in every batch, position and step
           (each layer with its own hash). Needs RoutingContext.token_ids.
   random  THOR (Zuo et al. 2021, "Taming Sparsely Activated Transformer with
-          Stochastic Experts"): u ~ U[0, 1) drawn afresh from the `router` rng
-          stream in training; with deterministic=True, drawn from the fixed key
-          (seed, layer), so evaluation is reproducible.
+          Stochastic Experts"): u drawn afresh from the `router` rng stream in
+          training, by `draw`:
+            per_batch  (default, THOR as published) one draw u [E] per call,
+                       shared by every token: the whole batch goes to the same
+                       K experts of the layer (THOR: K = 1)
+            per_token  u [T, E]: each token its own K experts
+          With deterministic=True, u [T, E] per token from the fixed key
+          (seed, layer), whatever `draw`, so evaluation is reproducible.
+
+What THOR's official code does (github.com/microsoft/Stochastic-Mixture-of-
+Experts, thor/transformer_thor_layer.py): in training, each expert layer draws
+one expert index with torch.randint per forward pass and runs the whole batch
+through it (K = 1). At inference it runs every expert and keeps one output per
+token by a fresh torch.randint draw at every call (`inference_level` 0, its
+default), or (`inference_level` 1, "sentence level", the value of its run.sh)
+one draw per position index shared by all sentences of the batch (the mask has
+the length of fairseq's [L, B, D] first axis). We draw per token at evaluation,
+the default's distribution, but from a fixed key rather than afresh.
 
 THOR trains with two forward passes, each with its own random routing, and adds
-a consistency loss between their predictions (`consistency_loss`, symmetric KL);
-the train step does so when `consistency_weight` > 0. THOR reports that learned
-gates did no better than random routing: random is the control of a comparison.
+a consistency loss between their predictions (`consistency_loss`, symmetric KL
+(KL(p1||p2) + KL(p2||p1)) / 2 over the real target positions). The train step
+does so when `consistency_weight` w > 0 and minimises
+
+  1/2 (CE_1 + CE_2) + w * CR,
+
+the paper's CE_1 + CE_2 + alpha * CR (so its code: loss1 + loss2 + alpha times
+the symmetric KL) divided by 2: w = alpha / 2 (its run.sh's alpha = 5 is w = 2.5).
+THOR reports that learned gates did no better than random routing: random is
+the control of a comparison.
 
 Neither router has parameters or losses; both are causal. probs is the plan's
-own distribution (1/K on the chosen experts).
+own distribution (1/K on the chosen experts). Padding (RoutingContext.segment_ids
+0) is routed nowhere: its slots are invalid.
 """
 from __future__ import annotations
 
 import math
 from typing import ClassVar, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moejax import validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import check_experts, flatten_tokens
+from moejax.routers.base import Router, StepNeeds, check_experts, flatten_tokens
 from moejax.routers.registry import register
 
 Array = jax.Array
+
+DRAWS = ("per_batch", "per_token")
 
 
 def hash_uint32(x: Array) -> Array:
@@ -77,7 +101,7 @@ def consistency_loss(logits_a: Array, logits_b: Array, mask: Optional[Array] = N
   return jnp.sum(sym * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-class _UniformRouter(nn.Module):
+class _UniformRouter(Router):
   num_experts: int
   top_k: int = 2
   seed: int = 0
@@ -90,14 +114,18 @@ class _UniformRouter(nn.Module):
     validation.positive_int("seed", self.seed, minimum=0)
     super().__post_init__()
 
-  def _output(self, scores: Array) -> RouterOutput:
+  def _output(self, scores: Array, ctx: Optional[RoutingContext]) -> RouterOutput:
     plan, probs = uniform_plan(scores, self.top_k)
+    real = (RoutingContext() if ctx is None else ctx).token_mask(scores.shape[0])
+    plan = plan.masked(jnp.repeat(real, self.top_k))
     return RouterOutput(plan=plan, logits=jnp.zeros_like(scores), probs=probs)
 
 
 @register("hash")
 class HashRouter(_UniformRouter):
   """Token id -> K fixed experts by an integer hash. See the module docstring."""
+
+  context_fields: ClassVar[frozenset] = frozenset({"token_ids"})
 
   def __call__(self, x: Array, ctx: Optional[RoutingContext] = None,
                deterministic: bool = True) -> RouterOutput:
@@ -109,7 +137,7 @@ class HashRouter(_UniformRouter):
       raise ValueError(f"RoutingContext.token_ids has {ctx.token_ids.size} ids for "
                        f"{tokens.shape[0]} tokens")
     layer = 0 if ctx.layer is None else ctx.layer
-    return self._output(hash_scores(ctx.token_ids, self.num_experts, self.seed, layer))
+    return self._output(hash_scores(ctx.token_ids, self.num_experts, self.seed, layer), ctx)
 
 
 @register("random")
@@ -117,24 +145,37 @@ class RandomRouter(_UniformRouter):
   """K experts uniformly at random per token (THOR). See the module docstring.
 
   Attributes:
-    consistency_weight: weight of THOR's consistency loss between two forward
-      passes; the train step runs the second pass when it is positive.
+    draw: `per_batch` (THOR as published: one set of K experts per call in
+      training, shared by all tokens) or `per_token`.
+    consistency_weight: w, weight of THOR's consistency loss between two
+      forward passes (w = alpha / 2 of the paper's alpha); the train step runs
+      the second pass when it is positive.
   """
 
+  draw: str = "per_batch"
   consistency_weight: float = 0.0
   uses_rng: ClassVar[bool] = True
 
   def __post_init__(self):
+    validation.one_of("draw", self.draw, DRAWS)
     validation.in_range("consistency_weight", self.consistency_weight, 0, math.inf)
     super().__post_init__()
+
+  @property
+  def step_needs(self) -> StepNeeds:
+    """THOR's second stochastic pass while consistency_weight > 0."""
+    return StepNeeds(consistency_weight=self.consistency_weight)
 
   def __call__(self, x: Array, ctx: Optional[RoutingContext] = None,
                deterministic: bool = True) -> RouterOutput:
     tokens, _ = flatten_tokens(x)
+    shape = (tokens.shape[0], self.num_experts)
     if deterministic:
       layer = 0 if ctx is None or ctx.layer is None else ctx.layer
-      key = jax.random.fold_in(jax.random.key(self.seed), layer)
+      scores = jax.random.uniform(jax.random.fold_in(jax.random.key(self.seed), layer), shape)
+    elif self.draw == "per_batch":
+      scores = jnp.broadcast_to(
+          jax.random.uniform(self.make_rng("router"), (self.num_experts,)), shape)
     else:
-      key = self.make_rng("router")
-    scores = jax.random.uniform(key, (tokens.shape[0], self.num_experts))
-    return self._output(scores)
+      scores = jax.random.uniform(self.make_rng("router"), shape)
+    return self._output(scores, ctx)

@@ -1,7 +1,8 @@
 """Router registry: `create(name, **kwargs)` and `names()`.
 
-A router is a linen module `router(x [B, L, D], ctx, deterministic) -> RouterOutput`
-with fields `num_experts` and `top_k`, registered under a name with `@register`.
+A router is a subclass of routers.Router (routers/base.py: the interface),
+`router(x [B, L, D], ctx, deterministic) -> RouterOutput` with fields
+`num_experts` and `top_k`, registered under a name with `@register`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Callable
 
 import flax.linen as nn
 
+from moejax.routers.base import check_declarations
+
 _ROUTERS: dict[str, type[nn.Module]] = {}
 
 # Fields every linen module has; not router settings.
@@ -17,14 +20,23 @@ _MODULE_FIELDS = ("parent", "name")
 
 
 def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-  """Class decorator registering a router under `name`."""
+  """Class decorator registering a router (a subclass of routers.Router, whose
+  declarations are checked) under `name`."""
   def wrap(cls):
     if name in _ROUTERS:
       raise ValueError(f"router {name!r} is already registered")
+    check_declarations(cls)
     _ROUTERS[name] = cls
     cls.router_name = name
     return cls
   return wrap
+
+
+def unregister(name: str) -> None:
+  """Removes router `name` from the registry (a router registered for a while,
+  e.g. by a test)."""
+  get(name)
+  del _ROUTERS[name]
 
 
 def names() -> list[str]:

@@ -18,19 +18,31 @@ Sparsity is driven by ReMoE's adaptive L1 penalty, loss `sparsity`:
   L = lambda * mean_t sum_e g_te,
   after each optimizer step: lambda <- lambda * rate ** sign(target - s),
 
-s the step's token-level sparsity (share of inactive experts per token). lambda
-and the step's counts live in the `routing` collection; update_state() applies
-the rule (rate = 1 keeps lambda fixed). `switch` balances the active slots;
-its P, and `probs` for the metrics, is softmax(z), the distribution whose order
-the gates follow. Chosen so because g / sum_e g is zero for a token with no
-open gate, which would reward closing every gate; for the same reason the router
-has no z-loss, whose optimum (logsumexp z = 0) puts every logit below zero.
+s the step's gate sparsity: the share of closed gates (g_te = 0) over the step's
+real tokens and the E experts, read before the K_max cap. ReMoE's controller
+reads the sparsity of the ReLU router outputs themselves (ReMoE has no cap).
+Read after the cap, s would be at least 1 - K_max / E whatever the gates do, and
+with K_max / E <= 1 - target the controller would lower lambda while most gates
+are open. lambda and the step's counts (open gates, gates) live in the `routing`
+collection; update_state() applies the rule (rate = 1 keeps lambda fixed).
+`switch` balances the active slots; its P, and `probs` for the metrics, is
+softmax(z), the distribution whose order the gates follow. Chosen so because
+g / sum_e g is zero for a token with no open gate, which would reward closing
+every gate; for the same reason the router has no z-loss, whose optimum
+(logsumexp z = 0) puts every logit below zero.
 
-Metrics: `token_sparsity` (share of the E experts inactive per token, after the
-cap), `chunk_sparsity` (share of (chunk, expert) pairs with the expert inactive on
-all `chunk_size` consecutive tokens of a sequence; a short last chunk counts as
-a chunk), `capped`, `l1_coef`. BlockFFN reports over 80% token-level and 70%
-8-token chunk-level sparsity. Causal: each token alone.
+Metrics: `gate_sparsity` (share of closed gates per token, before the cap: what
+the controller reads), `token_sparsity` (share of the E experts inactive per
+token, after the cap: what runs), `chunk_sparsity` (share of (chunk, expert)
+pairs with the expert inactive on all `chunk_size` consecutive tokens of a
+sequence; a short last chunk counts as a chunk), `capped` (open gates the cap
+cut), `l1_coef`. BlockFFN reports over 80% token-level and 70% 8-token
+chunk-level sparsity. Causal: each token alone.
+
+Padding (RoutingContext.segment_ids 0) is routed nowhere and counted nowhere:
+every mean above is over the real tokens, the controller's counts hold real
+tokens only, and chunks are cut from each row's real tokens (padding removed,
+order kept), so a padded row has the chunks of its real tokens alone.
 """
 from __future__ import annotations
 
@@ -43,7 +55,8 @@ import jax.numpy as jnp
 
 from moejax import balance, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import (DEFAULT_KERNEL_INIT, check_experts, flatten_tokens,
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, SwitchBalancedRouter, check_experts,
+                                 flatten_tokens,
                                  gate_kernel_columns, router_logits)
 from moejax.routers.registry import register
 
@@ -58,18 +71,34 @@ def active_matrix(plan: RoutingPlan, num_tokens: int, num_experts: int) -> Array
   return hits.at[plan.token, plan.expert].add(plan.valid.astype(jnp.int32)) > 0
 
 
-def chunk_sparsity(active: Array, chunk_size: int) -> Array:
+def chunk_sparsity(active: Array, chunk_size: int,
+                   token_mask: Optional[Array] = None) -> Array:
   """Share of (chunk, expert) pairs of active [B, L, E] where the expert is
-  inactive on every token of the chunk; L is padded with inactive tokens."""
+  inactive on every token of the chunk; L is padded with inactive tokens.
+
+  With token_mask (bool[B, L], the real tokens) each row's real tokens are moved
+  to its front, order kept, and only chunks holding a real token count: the
+  chunks of the real tokens alone. 0 when no token is real.
+  """
   batch, length, num_experts = active.shape
+  if token_mask is None:
+    token_mask = jnp.ones((batch, length), bool)
+  order = jnp.argsort(~token_mask, axis=1, stable=True)            # real tokens first
+  active = jnp.take_along_axis(active, order[..., None], axis=1)
+  real = jnp.take_along_axis(token_mask, order, axis=1)
   chunks = -(-length // chunk_size)
-  padded = jnp.pad(active, ((0, 0), (0, chunks * chunk_size - length), (0, 0)))
-  used = jnp.any(padded.reshape(batch, chunks, chunk_size, num_experts), axis=2)
-  return 1.0 - jnp.mean(used.astype(jnp.float32))
+  pad = chunks * chunk_size - length
+  active = jnp.pad(active, ((0, 0), (0, pad), (0, 0)))
+  real = jnp.pad(real, ((0, 0), (0, pad)))
+  used = jnp.any(active.reshape(batch, chunks, chunk_size, num_experts), axis=2)
+  counted = jnp.any(real.reshape(batch, chunks, chunk_size), axis=2)
+  pairs = jnp.sum(counted.astype(jnp.float32)) * num_experts
+  unused = pairs - jnp.sum((used & counted[..., None]).astype(jnp.float32))
+  return unused / jnp.maximum(pairs, 1.0)
 
 
 @register("relu")
-class ReLURouter(nn.Module):
+class ReLURouter(SwitchBalancedRouter):
   """ReLU-gated routing with an adaptive L1 sparsity penalty. See module doc."""
 
   num_experts: int
@@ -79,11 +108,11 @@ class ReLURouter(nn.Module):
   l1_init: float = 1e-2
   sparsity_rate: float = 1.2
   chunk_size: int = 8
-  balance_scope: str = "microbatch"
   kernel_init: Callable[..., Any] = DEFAULT_KERNEL_INIT
 
   loss_names: ClassVar[tuple[str, ...]] = ("sparsity", "switch")
   default_loss_weights: ClassVar[dict[str, float]] = {"sparsity": 1.0, "switch": 1e-2}
+  has_expert_embeddings: ClassVar[bool] = True
 
   def __post_init__(self):
     check_experts(self.num_experts, self.top_k, self.num_experts)
@@ -92,7 +121,6 @@ class ReLURouter(nn.Module):
     validation.in_range("l1_init", self.l1_init, 0, math.inf)
     validation.in_range("sparsity_rate", self.sparsity_rate, 1, math.inf)
     validation.positive_int("chunk_size", self.chunk_size)
-    validation.one_of("balance_scope", self.balance_scope, balance.SCOPES)
     super().__post_init__()
 
   def gates(self, logits: Array) -> Array:
@@ -114,40 +142,48 @@ class ReLURouter(nn.Module):
     shape = x.shape
     x, batch = flatten_tokens(x)
     num_tokens = x.shape[0]
+    real = ctx.token_mask(num_tokens)
     logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
     g = self.gates(logits)
     top, expert_index = jax.lax.top_k(g, self.top_k)
-    keep = top > 0
+    keep = (top > 0) & real[:, None]
     plan = RoutingPlan.from_topk(jnp.where(keep, expert_index, 0), top, keep)
-    active = active_matrix(plan, num_tokens, self.num_experts)
-    num_active = jnp.sum(active.astype(jnp.float32))
-    capped = jnp.sum((g > 0).astype(jnp.float32)) - num_active
-    token_sparsity = 1.0 - num_active / (num_tokens * self.num_experts)
+    active = active_matrix(plan, num_tokens, self.num_experts)        # real tokens only
+    open_gates = (g > 0) & real[:, None]                              # before the cap
+    num_open = jnp.sum(open_gates.astype(jnp.float32))
+    capped = num_open - jnp.sum(active.astype(jnp.float32))
+    closed_share = lambda on: 1.0 - jnp.mean(on.astype(jnp.float32), axis=-1)
+    num_gates = jnp.sum(real.astype(jnp.float32)) * self.num_experts
 
     coef = self.variable("routing", "l1_coef", lambda: jnp.asarray(self.l1_init, jnp.float32))
     seen = self.variable("routing", "counts", lambda: jnp.zeros((2,), jnp.float32))
     if self.is_mutable_collection("routing") and not self.is_initializing():
-      seen.value = seen.value + jnp.stack([num_active, float(num_tokens * self.num_experts)])
+      seen.value = seen.value + jnp.stack([num_open, num_gates])
 
     probs = jax.nn.softmax(logits, axis=-1)
     switch, counts = balance.router_switch_loss(probs, expert_index, batch,
                                                 self.balance_scope, ctx, keep)
-    losses = {"sparsity": coef.value * jnp.mean(jnp.sum(g, axis=-1)), "switch": switch}
+    losses = {"sparsity": coef.value * balance.token_mean(jnp.sum(g, axis=-1), real),
+              "switch": switch}
     length = shape[1] if len(shape) == 3 else num_tokens
-    metrics = {"selected": counts, "token_sparsity": token_sparsity,
+    metrics = {"selected": counts,
+               "gate_sparsity": balance.token_mean(closed_share(open_gates), real),
+               "token_sparsity": balance.token_mean(closed_share(active), real),
                "chunk_sparsity": chunk_sparsity(
-                   active.reshape(batch, length, self.num_experts), self.chunk_size),
+                   active.reshape(batch, length, self.num_experts), self.chunk_size,
+                   real.reshape(batch, length)),
                "capped": capped, "l1_coef": coef.value}
     return RouterOutput(plan=plan, logits=logits, probs=probs, losses=losses,
-                        metrics=metrics)
+                        metrics=metrics, counts=counts)
 
   def update_state(self) -> None:
     """After an optimizer step: lambda <- lambda * rate ** sign(target - s) with s
-    the step's token-level sparsity; counting restarts from zero."""
+    the step's gate sparsity (closed gates before the cap, real tokens only);
+    counting restarts from zero."""
     if not self.has_variable("routing", "l1_coef"):
       return
-    active, total = self.get_variable("routing", "counts")
-    sparsity = 1.0 - active / jnp.maximum(total, 1.0)
+    open_gates, total = self.get_variable("routing", "counts")
+    sparsity = 1.0 - open_gates / jnp.maximum(total, 1.0)
     coef = self.get_variable("routing", "l1_coef")
     step = jnp.where(total > 0, jnp.sign(self.target_sparsity - sparsity), 0.0)
     self.put_variable("routing", "l1_coef", coef * self.sparsity_rate ** step)

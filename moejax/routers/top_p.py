@@ -15,6 +15,9 @@ Chosen where the paper is open: mass exactly at the threshold stops (>=); the
 paper does not cap k, we cap it at top_k so that the slot count is static, and
 count the tokens the cap cut short (`capped_share`). Causal: each token alone.
 Metrics: `experts_per_token` (from the layer, per layer) and `capped_share`.
+Padding (RoutingContext.segment_ids 0) is routed nowhere (invalid slots) and
+left out of every loss, count and mean (`entropy` and `capped_share` are means
+over the real tokens).
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import jax.numpy as jnp
 
 from moejax import balance, metrics, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import (DEFAULT_KERNEL_INIT, check_experts, flatten_tokens,
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, SwitchBalancedRouter, check_experts,
+                                 flatten_tokens,
                                  gate_kernel_columns, router_logits)
 from moejax.routers.registry import register
 
@@ -44,24 +48,23 @@ def top_p_mask(sorted_probs: Array, threshold: float) -> tuple[Array, Array]:
 
 
 @register("top_p")
-class TopPRouter(nn.Module):
+class TopPRouter(SwitchBalancedRouter):
   """Tokens take experts until their mass reaches `threshold`. See module doc."""
 
   num_experts: int
   top_k: int = 2
   threshold: float = 0.4
   normalize: bool = False
-  balance_scope: str = "microbatch"
   kernel_init: Callable[..., Any] = DEFAULT_KERNEL_INIT
 
   loss_names: ClassVar[tuple[str, ...]] = ("switch", "z", "entropy")
   default_loss_weights: ClassVar[dict[str, float]] = {"switch": 1e-2, "z": 1e-3,
                                                       "entropy": 1e-4}
+  has_expert_embeddings: ClassVar[bool] = True
 
   def __post_init__(self):
     check_experts(self.num_experts, self.top_k, self.num_experts)
     validation.in_range("threshold", self.threshold, 0, 1, low_open=True)
-    validation.one_of("balance_scope", self.balance_scope, balance.SCOPES)
     super().__post_init__()
 
   @nn.compact
@@ -71,21 +74,25 @@ class TopPRouter(nn.Module):
     del deterministic
     ctx = RoutingContext() if ctx is None else ctx
     x, batch = flatten_tokens(x)
+    real = ctx.token_mask(x.shape[0])
     logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
     probs = jax.nn.softmax(logits, axis=-1)
     top, expert_index = jax.lax.top_k(probs, self.top_k)               # [T, K_max]
     keep, short = top_p_mask(top, self.threshold)
+    keep = keep & real[:, None]
     weights = jnp.where(keep, top, 0.0)
     if self.normalize:
-      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+      total = jnp.sum(weights, axis=-1, keepdims=True)
+      weights = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
     switch, counts = balance.router_switch_loss(probs, expert_index, batch,
                                                 self.balance_scope, ctx, keep)
-    losses = {"switch": switch, "z": balance.z_loss(logits),
-              "entropy": metrics.entropy(probs)}
+    losses = {"switch": switch, "z": balance.z_loss(logits, real),
+              "entropy": balance.token_mean(metrics.row_entropy(probs), real)}
     return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights, keep),
                         logits=logits, probs=probs, losses=losses,
                         metrics={"selected": counts,
-                                 "capped_share": jnp.mean(short.astype(jnp.float32))})
+                                 "capped_share": balance.token_mean(short, real)},
+                        counts=counts)
 
   def expert_embeddings(self) -> Array:
     return gate_kernel_columns(self, "gate")

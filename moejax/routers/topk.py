@@ -19,10 +19,22 @@ Options:
               zero as in the paper, so the initial noise std is softplus(0) = 0.69.
   jitter      Switch's input jitter, training only: x * U(1 - j, 1 + j) before the
               router.
-  num_groups, groups_selected
-              group-limited selection (DeepSeek-V2/V3): experts split into G groups
-              of E/G; a group's score is the sum of its ceil(K / G_sel) best
-              selection scores; only experts of the G_sel best groups may be chosen.
+  num_groups, groups_selected, group_score
+              group-limited selection (DeepSeek-V2 2024, "DeepSeek-V2: A Strong,
+              Economical, and Efficient Mixture-of-Experts Language Model";
+              DeepSeek-V3 2024): experts split into G groups of E/G; only experts
+              of the G_sel best groups may be chosen. A group's score, from the
+              selection scores s (bias included with aux_free) of its experts:
+                max        max_{e in g} s_e                        (DeepSeek-V2)
+                top2_sum   sum of the 2 largest s_e in g           (DeepSeek-V3)
+                share_sum  sum of the ceil(K / G_sel) largest s_e in g: each
+                           kept group's fair share of the K (no paper)
+              Default `top2_sum`: V3's rule is the most recent, the one of the
+              V3 recipe this router reproduces (sigmoid scores, aux-free bias),
+              and a group's two best experts are a steadier signal than one.
+              share_sum equals `max` when K <= G_sel and `top2_sum` when
+              ceil(K / G_sel) = 2. A group of one expert scores by that expert
+              under every rule.
 
 Balancing:
   balance_scope  scope of the `switch` loss: sequence, microbatch or global
@@ -40,6 +52,8 @@ Router math is float32 whatever the activation dtype. Training noise draws from
 the `router` rng stream and is off when deterministic=True.
 Losses: `switch` (balance.scoped_switch_loss over the K selections) and `z`
 (z_loss). Metrics: `selected`, the selection counts per expert before capacity.
+Padding (RoutingContext.segment_ids 0) is routed nowhere: its slots are invalid,
+and it counts in no loss, no `selected` and no aux-free count.
 """
 from __future__ import annotations
 
@@ -52,7 +66,8 @@ import jax.numpy as jnp
 
 from moejax import balance, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.routers.base import (DEFAULT_KERNEL_INIT, check_experts, flatten_tokens,
+from moejax.routers.base import (DEFAULT_KERNEL_INIT, SwitchBalancedRouter, check_experts,
+                                 flatten_tokens,
                                  gate_kernel_columns, router_logits)
 from moejax.routers.registry import register
 
@@ -60,13 +75,23 @@ Array = jax.Array
 
 SCORES = ("softmax", "sigmoid")
 ORDERS = ("softmax_topk", "topk_softmax")
+GROUP_SCORES = ("max", "top2_sum", "share_sum")
+
+
+def scores_per_group(group_score: str, top_k: int, groups_selected: int,
+                      group_size: int) -> int:
+  """How many of a group's largest scores sum to its score under `group_score`."""
+  wanted = {"max": 1, "top2_sum": 2,
+            "share_sum": math.ceil(top_k / groups_selected)}[group_score]
+  return min(wanted, group_size)
 
 
 def group_limited_mask(scores: Array, num_groups: int, groups_selected: int,
                        per_group: int) -> Array:
   """bool[T, E]: experts in the `groups_selected` best of `num_groups` groups.
 
-  A group's score is the sum of its `per_group` largest entries of scores [T, E].
+  A group's score is the sum of its `per_group` largest entries of scores [T, E]
+  (1: its max, DeepSeek-V2; 2: its top-2 sum, DeepSeek-V3).
   """
   num_tokens, num_experts = scores.shape
   grouped = scores.reshape(num_tokens, num_groups, num_experts // num_groups)
@@ -77,7 +102,7 @@ def group_limited_mask(scores: Array, num_groups: int, groups_selected: int,
 
 
 @register("topk")
-class TopKRouter(nn.Module):
+class TopKRouter(SwitchBalancedRouter):
   """Top-K tokens-choose router with softmax or sigmoid scores. See module doc."""
 
   num_experts: int
@@ -90,7 +115,7 @@ class TopKRouter(nn.Module):
   jitter: float = 0.0
   num_groups: int = 1
   groups_selected: Optional[int] = None
-  balance_scope: str = "microbatch"
+  group_score: str = "top2_sum"
   aux_free: bool = False
   bias_rate: float = 1e-3
   bias_update: str = "sign"
@@ -99,6 +124,7 @@ class TopKRouter(nn.Module):
 
   loss_names: ClassVar[tuple[str, ...]] = ("switch", "z")
   default_loss_weights: ClassVar[dict[str, float]] = {"switch": 1e-2, "z": 1e-3}
+  has_expert_embeddings: ClassVar[bool] = True
 
   def __post_init__(self):
     check_experts(self.num_experts, self.top_k, self.num_experts)
@@ -120,7 +146,7 @@ class TopKRouter(nn.Module):
     if self.top_k > selected * (self.num_experts // self.num_groups):
       raise ValueError(f"top_k ({self.top_k}) exceeds the experts in groups_selected "
                        f"({selected} groups of {self.num_experts // self.num_groups})")
-    validation.one_of("balance_scope", self.balance_scope, balance.SCOPES)
+    validation.one_of("group_score", self.group_score, GROUP_SCORES)
     validation.in_range("bias_rate", self.bias_rate, 0, math.inf)
     validation.one_of("bias_update", self.bias_update, balance.BIAS_UPDATES)
     super().__post_init__()
@@ -135,6 +161,7 @@ class TopKRouter(nn.Module):
     """x [B, L, D] (or [T, D]) -> RouterOutput with A = T * K slots."""
     ctx = RoutingContext() if ctx is None else ctx
     x, batch = flatten_tokens(x)
+    real = ctx.token_mask(x.shape[0])
     if self.jitter > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
                                  1.0 - self.jitter, 1.0 + self.jitter)
@@ -161,7 +188,8 @@ class TopKRouter(nn.Module):
 
     selected = self.num_groups if self.groups_selected is None else self.groups_selected
     if selected < self.num_groups:
-      per_group = min(math.ceil(self.top_k / selected), self.num_experts // self.num_groups)
+      per_group = scores_per_group(self.group_score, self.top_k, selected,
+                                    self.num_experts // self.num_groups)
       keep = group_limited_mask(selection, self.num_groups, selected, per_group)
       selection = jnp.where(keep, selection, -jnp.inf)
 
@@ -184,10 +212,11 @@ class TopKRouter(nn.Module):
                                   jnp.float32)
       if self.is_mutable_collection("routing") and not self.is_initializing():
         accumulated.value = accumulated.value + counts
-    losses = {"switch": switch, "z": balance.z_loss(logits)}
-    return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights),
+    losses = {"switch": switch, "z": balance.z_loss(logits, real)}
+    valid = jnp.broadcast_to(real[:, None], expert_index.shape)
+    return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights, valid),
                         logits=logits, probs=probs, losses=losses,
-                        metrics={"selected": counts})
+                        metrics={"selected": counts}, counts=counts)
 
   def update_state(self) -> None:
     """After an optimizer step: move the aux-free bias by the step's counts, and

@@ -5,10 +5,12 @@ The config (an ml_collections ConfigDict, see configs/lm_tiny.py) has sections
 every value that can be checked before data or compilation and raises ValueError
 naming the field (`train.batch_size`, `moe.top_k`, ...).
 
-MoE settings: the fields of `config.moe` are MoE layer attributes, except that
-the router's own settings live in a sub-section named after the router, e.g.
-`config.moe.topk.score`; only the chosen router's section is used. Loss weights
-left None take the chosen router's defaults (see `loss_weights`).
+MoE settings: the fields of `config.moe` are the MoE layer's attributes
+(MOE_FIELDS, read off moejax.MoE itself), except that the router's own settings
+live in a sub-section named after the router, e.g. `config.moe.topk.score` (only
+the chosen router's section is used), and `expert_parallel` and
+`kernel_settings` are sections turned into their objects. Loss weights left None
+take the chosen router's defaults; MoE validates them (MoE.loss_weights).
 """
 from __future__ import annotations
 
@@ -22,15 +24,18 @@ import jax.numpy as jnp
 
 from moejax import routers, validation
 from moejax.data.pipeline import PipelineSpec, check_shards
-from moejax.layer import LAYER_LOSSES, MoE
+from moejax.layer import MoE
 from moejax.models import TransformerLM
 from moejax.parallel import BATCH_AXES, ExpertParallel, make_mesh, sharded
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MOE_FIELDS = ("num_experts", "hidden_dim", "top_k", "router", "engine", "backend",
-              "block_size", "capacity_factor", "drop_policy", "expert_type", "activation",
-              "granularity", "num_shared_experts", "loss_weights", "tsallis_q", "erc_noise",
-              "erc_form", "erc_margin", "expert_parallel")
+# MoE attributes the model sets (its dtypes, the model dimension) or that are not
+# settings (linen's parent and name; router_kwargs come from the router section).
+_MOE_SET_ELSEWHERE = ("parent", "name", "router_kwargs", "model_dim", "dtype",
+                      "param_dtype", "deterministic")
+MOE_FIELDS = tuple(f.name for f in dataclasses.fields(MoE)
+                   if f.name not in _MOE_SET_ELSEWHERE)
+TILING_PASSES = ("forward", "lhs_grad", "rhs_grad")
 
 
 def config_from_file(path: str, sibling_of: Optional[str] = None):
@@ -69,10 +74,10 @@ def moe_settings(config) -> Optional[dict[str, Any]]:
                      f"router sections: {routers.names()}")
   if "expert_parallel" in kwargs:
     kwargs["expert_parallel"] = expert_parallel(kwargs["expert_parallel"])
+  if "kernel_settings" in kwargs:
+    kwargs["kernel_settings"] = kernel_settings(kwargs["kernel_settings"])
   kwargs["router_kwargs"] = moe.get(kwargs.get("router", "topk"), {}) or {}
   kwargs["router_kwargs"] = {k: v for k, v in kwargs["router_kwargs"].items() if v is not None}
-  if "loss_weights" in kwargs:
-    kwargs["loss_weights"] = loss_weights(kwargs.get("router", "topk"), kwargs["loss_weights"])
   return kwargs
 
 
@@ -121,18 +126,48 @@ def router_sections(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
   return sections
 
 
-def loss_weights(router: str, weights: Optional[dict[str, Any]]) -> dict[str, float]:
-  """The router's default loss weights, overridden by the set (non-None) entries of
-  config.moe.loss_weights. A positive weight for a loss the router does not
-  return is an error; a zero one is ignored (the table is shared by all routers)."""
-  cls = routers.get(router)
-  known = tuple(cls.loss_names) + LAYER_LOSSES
-  chosen = {k: v for k, v in (weights or {}).items() if v is not None}
-  for name, weight in chosen.items():
-    if name not in known and weight != 0:
-      raise ValueError(f"moe.loss_weights.{name} is {weight}, but router {router!r} returns "
-                       f"no {name!r} loss; its losses: {list(known)}")
-  return {**cls.default_loss_weights, **{k: v for k, v in chosen.items() if k in known}}
+def kernel_settings_section():
+  """config.moe.kernel_settings at its defaults: the platform's (None everywhere).
+
+  target (triton/mosaic), interpret, num_warps, num_stages; tiling.<pass> as
+  (block_m, block_k, block_n) for the forward, lhs_grad and rhs_grad passes (a
+  pass left None keeps the target's default tiles); combine_tiles as (block_t,
+  block_s, block_d)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(
+      target=config_dict.placeholder(str), interpret=config_dict.placeholder(bool),
+      num_warps=config_dict.placeholder(int), num_stages=config_dict.placeholder(int),
+      tiling=ml_collections.ConfigDict({p: config_dict.placeholder(tuple)
+                                        for p in TILING_PASSES}),
+      combine_tiles=config_dict.placeholder(tuple)))
+
+
+def kernel_settings(section: Optional[dict[str, Any]]):
+  """pallas_kernels.KernelSettings from config.moe.kernel_settings; None when nothing
+  is set (the platform's defaults). Errors name moe.kernel_settings.<field>."""
+  section = {k: v for k, v in (section or {}).items() if v is not None}
+  tiling = {k: v for k, v in (section.pop("tiling", None) or {}).items() if v is not None}
+  if not section and not tiling:
+    return None
+  import pallas_kernels  # pylint: disable=g-import-not-at-top
+  known = {"target", "interpret", "num_warps", "num_stages", "combine_tiles"}
+  unknown = sorted(set(section) - known) + sorted(set(tiling) - set(TILING_PASSES))
+  if unknown:
+    raise ValueError(f"moe.kernel_settings has unknown fields {unknown}; fields: "
+                     f"{sorted(known | {'tiling'})}, tiling: {list(TILING_PASSES)}")
+  try:
+    if tiling:
+      target = section.get("target") or pallas_kernels.default_target()
+      default = pallas_kernels.DEFAULT_TILING[target]
+      section["tiling"] = pallas_kernels.GmmTiling(**{
+          p: (pallas_kernels.Tiles(*tiling[p]) if p in tiling else getattr(default, p))
+          for p in TILING_PASSES})
+    if "combine_tiles" in section:
+      section["combine_tiles"] = pallas_kernels.CombineTiles(*section["combine_tiles"])
+    return pallas_kernels.KernelSettings(**section)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"moe.kernel_settings.{e}") from None
 
 
 def build_model(config) -> TransformerLM:
@@ -257,8 +292,8 @@ def check(config, num_devices: Optional[int] = None,
   if num_devices is None:
     check_process_rows(make_mesh(data, expert, model_axis), t.batch_size)
   model = build_model(config)
-  if model.moe is not None and model.moe.get("expert_parallel") is not None:
-    layer = MoE(**model.moe, parent=None)
+  layer = model.moe
+  if layer is not None and layer.expert_parallel is not None:
     try:
       sharded.check_sizes({"data": data, "expert": expert, "model": model_axis},
                           micro * d.seq_len, layer.routed_experts, layer.expert_hidden_dim)

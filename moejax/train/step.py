@@ -7,9 +7,9 @@ no token is predicted across a document boundary of a packed row:
   mask = (segment[:, 1:] == segment[:, :-1]) & (segment[:, 1:] > 0)
   loss = sum_mask CE / sum_mask 1  +  sum over MoE layers of aux.loss (weighted)
 
-Random routing with a consistency weight alpha (THOR, Zuo et al. 2021): two
-forward passes with independent routing; the CE is their mean and
-alpha * mean_mask symmetric KL of their predictions is added (logged as
+A router with a consistency weight w (THOR, Zuo et al. 2021, random routing):
+two forward passes with independent routing; the CE is their mean and
+w * mean_mask symmetric KL of their predictions is added (logged as
 `consistency`).
 
 Gradient accumulation: the batch is cut into `num_microbatches` equal pieces
@@ -19,11 +19,14 @@ accumulated gradient equals the gradient of the full-batch loss. The `routing`
 collection (e.g. aux-free balancing counts) is threaded through the pieces and,
 after the optimizer step, every router updates it (TransformerLM.update_routing).
 
-Global balance scope with several micro-batches: a first, forward-only pass over
-the pieces counts each layer's expert selections for the whole step; the second
-pass hands these counts to the routers (RoutingContext.global_counts), so f is
-that of the global batch for every piece. With one micro-batch the call's own
-counts are already global (data parallelism runs inside one jitted program).
+Routers declare what the step must do for them (routers/base.py, StepNeeds):
+a second stochastic pass with a consistency loss (THOR, above), or the step's
+selection counts before the gradient pass (the `global` balance scope): with
+several micro-batches a first, forward-only pass over the pieces sums each
+layer's RouterOutput.counts, and the gradient pass hands them to the routers
+(RoutingContext.global_counts), so f is that of the global batch for every piece.
+With one micro-batch the call's own counts are already global (data parallelism
+runs inside one jitted program).
 """
 from __future__ import annotations
 
@@ -55,14 +58,14 @@ def split_batch(batch: dict[str, Array]) -> dict[str, Array]:
 
 
 def _forward(model: TransformerLM, params: Any, routing: Any, rows: dict[str, Array], rng,
-             deterministic: bool, data_shards: int = 1, global_counts=None):
+             deterministic: bool, data_shards: int = 1, global_counts=None, step=None):
   """Masked per-token CE [B, L], aux per MoE layer, the updated routing state and
   the logits."""
   variables = {"params": params, **({"routing": routing} if routing else {})}
   mutable = ["routing"] if routing and not deterministic else False
   rngs = {} if deterministic else {"router": rng}
   out = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
-                    deterministic=deterministic, rngs=rngs, mutable=mutable,
+                    deterministic=deterministic, rngs=rngs, mutable=mutable, step=step,
                     global_counts=global_counts, data_shards=data_shards)
   if mutable:
     out, routing = out[0], out[1]["routing"]
@@ -81,20 +84,25 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
   """train_step(state, batch, rng) -> (state, metrics); jit it with shardings.
 
   `data_shards` is the data-parallel degree: the `microbatch` balance scope
-  balances each shard of a micro-batch on its own, as each device would.
+  balances each shard of a micro-batch on its own, as each device would. What the
+  routers need of the step, they declare (model.step_needs, routers/base.py).
   """
-  two_pass = model.uses_global_balance and num_microbatches > 1
-  consistency_weight = model.consistency_weight
+  needs = model.step_needs
+  count_pass = needs.counts_for_loss is not None and num_microbatches > 1
+  consistency_weight = needs.consistency_weight
 
-  def microbatch_loss(params, routing, rows, rng, total_tokens, global_counts):
+  def microbatch_loss(params, routing, rows, rng, total_tokens, global_counts, step):
+    """One micro-batch's share of the step's loss: its CE sum over the step's target
+    count, plus 1/num_microbatches of its weighted router losses and, for a router
+    that asks for it, of the consistency loss of a second stochastic pass."""
     nll, aux, routing, logits = _forward(model, params, routing, rows, rng, False,
-                                         data_shards, global_counts)
+                                         data_shards, global_counts, step)
     aux_loss = sum((a.loss for a in aux.values()), jnp.zeros((), jnp.float32))
     consistency = jnp.zeros((), jnp.float32)
     if consistency_weight > 0:
       nll_b, _, routing, logits_b = _forward(model, params, routing, rows,
                                              jax.random.fold_in(rng, 1), False, data_shards,
-                                             global_counts)
+                                             global_counts, step)
       nll = 0.5 * (nll + nll_b)
       consistency = consistency_loss(logits, logits_b, rows["mask"])
     loss = (jnp.sum(nll) / total_tokens
@@ -102,36 +110,41 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
     return loss, (routing, {"nll_sum": jnp.sum(nll), "aux_loss": aux_loss,
                             "consistency": consistency, "layers": _layer_metrics(aux)})
 
-  grad_fn = jax.grad(microbatch_loss, has_aux=True)
-
-  def step_counts(state, pieces, rng):
-    """Each layer's selection counts summed over the step's micro-batches."""
-    def count(inputs):
-      piece, index = inputs
-      _, aux, _, _ = _forward(model, state.params, state.routing, piece,
-                           jax.random.fold_in(rng, index), False, data_shards)
-      return {k: a.metrics["selected"] for k, a in aux.items()}
-    per_piece = jax.lax.map(count, (pieces, jnp.arange(num_microbatches)))
-    return jax.tree_util.tree_map(lambda c: jnp.sum(c, axis=0), per_piece)
-
   def train_step(state: TrainState, batch: dict[str, Array], rng) -> tuple[TrainState, dict]:
     rows = split_batch(batch)
     total_tokens = jnp.maximum(jnp.sum(rows["mask"]), 1).astype(jnp.float32)
     pieces = jax.tree_util.tree_map(
         lambda a: a.reshape(num_microbatches, a.shape[0] // num_microbatches, *a.shape[1:]),
         rows)
-    global_counts = step_counts(state, pieces, rng) if two_pass else None
 
+    # The routers' count pass: each MoE layer's selection counts over the whole
+    # step, forward only, before any gradient (with one micro-batch a call's own
+    # counts are the step's, so there is nothing to do).
+    global_counts = None
+    if count_pass:
+      def count(inputs):
+        piece, index = inputs
+        _, aux, _, _ = _forward(model, state.params, state.routing, piece,
+                                jax.random.fold_in(rng, index), False, data_shards,
+                                step=state.step)
+        return {k: a.counts for k, a in aux.items()}
+      per_piece = jax.lax.map(count, (pieces, jnp.arange(num_microbatches)))
+      global_counts = jax.tree_util.tree_map(lambda c: jnp.sum(c, axis=0), per_piece)
+
+    # Gradient accumulation over the micro-batches; the `routing` collection is
+    # threaded through them.
     def accumulate(carry, inputs):
       grads, routing = carry
       piece, index = inputs
-      g, (routing, m) = grad_fn(state.params, routing, piece, jax.random.fold_in(rng, index),
-                                total_tokens, global_counts)
+      g, (routing, m) = jax.grad(microbatch_loss, has_aux=True)(
+          state.params, routing, piece, jax.random.fold_in(rng, index), total_tokens,
+          global_counts, state.step)
       return (jax.tree_util.tree_map(jnp.add, grads, g), routing), m
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     (grads, routing), per_piece = jax.lax.scan(
         accumulate, (zeros, state.routing), (pieces, jnp.arange(num_microbatches)))
+
     layers = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), per_piece["layers"])
     for name, layer in layers.items():
       # MaxVio of the whole step's load next to the mean of the micro-batches'.
@@ -142,6 +155,8 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation,
                **({"consistency": jnp.mean(per_piece["consistency"])}
                   if consistency_weight > 0 else {}),
                "grad_norm": optax.tree.norm(grads), "layers": layers}
+
+    # The optimizer update, then every router's update of its `routing` state.
     state = state.apply_gradients(grads, tx).replace(routing=routing)
     if routing:
       _, updated = model.apply({"params": state.params, "routing": routing},
