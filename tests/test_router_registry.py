@@ -81,7 +81,7 @@ def _router(name, **kwargs):
   return routers.create(name, num_experts=E, top_k=K, **kwargs)
 
 
-CAUSAL = [n for n in routers.names() if getattr(_router(n), "is_causal", True)]
+CAUSAL = [n for n in routers.names() if _router(n).is_causal]
 NONCAUSAL = [n for n in routers.names() if n not in CAUSAL]
 
 

@@ -7,7 +7,7 @@ Every router subclasses `Router` (routers/base.py: the interface, every hook
 with its default) and returns a RouterOutput; Soft MoE's (SlotRouting) maps the
 tokens to slot rows and back.
 """
-from moejax.routers.base import Router, StepNeeds, check_causal
+from moejax.routers.base import Router, StepNeeds, SwitchBalancedRouter, check_causal
 from moejax.routers.expert_choice import ExpertChoiceRouter
 from moejax.routers.hash_random import HashRouter, RandomRouter, consistency_loss
 from moejax.routers.null_experts import NullExpertsRouter
@@ -18,7 +18,7 @@ from moejax.routers.soft import SlotRouting, SoftRouter
 from moejax.routers.top_p import TopPRouter
 from moejax.routers.topk import TopKRouter
 
-__all__ = ["Router", "StepNeeds", "check_causal", "consistency_loss", "create", "fields",
+__all__ = ["Router", "StepNeeds", "SwitchBalancedRouter", "check_causal", "consistency_loss", "create", "fields",
            "get", "names", "register", "unregister", "ExpertChoiceRouter", "HashRouter",
            "NullExpertsRouter", "RandomRouter", "ReLURouter", "SelectiveSinkhornRouter",
            "SinkhornRouter", "SlotRouting", "SoftRouter", "TopKRouter", "TopPRouter"]
