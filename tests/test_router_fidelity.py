@@ -438,3 +438,21 @@ def test_expert_choice_capacity_is_zhou_et_al_with_c_equal_cf_times_k():
   readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
   row = next(line for line in readme.splitlines() if line.startswith("| `expert_choice` |"))
   assert "c = cf·K" in row
+
+
+def test_layer_capacity_on_an_expert_choice_plan_keeps_every_slot_it_has_room_for():
+  # E = 4, T = 16, K = 1, router cf 0.75: each expert takes ceil(0.75 * 16 / 4) = 3
+  # tokens, 12 slots. The layer's C = ceil(2.0 * 12 / 4) = 6 >= 3: nothing drops.
+  # (Slots per token as 12 // 16 = 0 gave C = 0 and dropped 8 of the 12.)
+  from moejax import MoE  # pylint: disable=g-import-not-at-top
+  layer = MoE(num_experts=4, hidden_dim=8, top_k=1, router="expert_choice",
+              router_kwargs={"capacity_factor": 0.75}, capacity_factor=2.0)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8))
+  (_, aux), _ = layer.init_with_output(jax.random.PRNGKey(1), x)
+  assert aux.plan.num_slots == 12
+  assert float(aux.metrics["dropped"]) == 0.0
+  assert int(np.sum(aux.plan.valid)) == 12
+  # At C = 2 < 3 each expert keeps 2 of its 3 tokens: 4 of 12 drop.
+  tight = layer.clone(capacity_factor=2 * 4 / 12)
+  (_, aux), _ = tight.init_with_output(jax.random.PRNGKey(1), x)
+  assert float(aux.metrics["dropped"]) == 4.0
