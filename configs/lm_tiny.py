@@ -85,6 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
       activation="silu",
       granularity=1,
       num_shared_experts=0,
+      use_bias=False,                 # expert biases
+      dropout_rate=0.0,               # dropout on the experts' hidden activation
       # Weights of the router's losses (None: the router's defaults, for topk
       # switch 1e-2 and z 1e-3) and of the layer's (tsallis, erc: on when > 0).
       loss_weights=ml_collections.ConfigDict({

@@ -50,7 +50,7 @@ attention probabilities, a second pass, step counts) is declared by the router
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -58,13 +58,14 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from moejax import balance, capacity, dispatch, metrics, parallel, routers, validation
+from moejax import balance, capacity, dispatch, metrics, parallel, routers, sown, validation
 from moejax.core import RouterOutput, RoutingContext, RoutingPlan
-from moejax.experts import FFNWeights, dense_matmul
+from moejax.experts import ExpertFFN, FFNWeights, dense_matmul
 
 Array = jax.Array
 
 LAYER_LOSSES = ("tsallis", "erc")
+AUX_OUTPUTS = ("return", "sow")
 
 
 class MoEAux(flax.struct.PyTreeNode):
@@ -127,12 +128,27 @@ class MoE(nn.Module):
     erc_form: `ce` or `margin` (see balance.erc_loss).
     erc_margin: the margin of the `margin` form.
     model_dim: D, if given, checked against the input.
-    dtype: activation and expert compute dtype; routers always use float32.
+    dtype: activation and expert compute dtype; None (default) follows the
+      input, as Flax layers do; routers always use float32.
     param_dtype: parameter dtype.
     deterministic: no training noise; may also be passed at call time.
+    decode: route for inference: no capacity, so each token's output depends on
+      that token alone under a causal router (cached decoding, one token at a
+      time, equals the full forward); may also be passed at call time.
     expert_parallel: None (experts on every device, sharded by the compiler) or
       a parallel.ExpertParallel: all_to_all or all_gather over the mesh in
-      context.
+      context (unsharded without one).
+    rng_name: the rng stream of router noise and ERC proxies in training.
+    kernel_init: initializer of one expert's matrix ([D, F] or [F, D]), applied
+      to each expert with its own key; None: truncated normal, fan-in scaled.
+    use_bias: biases b_wi* [E, F] and b_wo [E, D] (and the shared experts').
+    bias_init: initializer of one expert's bias.
+    dropout_rate: dropout on the experts' hidden activation in training.
+    dropout_rng_name: its rng stream.
+    aux: `return`: __call__ returns (y, MoEAux); `sow`: it returns y alone and
+      sows the weighted loss into the collection `moe_losses` and the metrics
+      into `moe_metrics` (not at init); apply with mutable=moejax.SOWN and read
+      them with moejax.sown_aux. Routers that hand a carry on need `return`.
   """
 
   num_experts: int
@@ -156,10 +172,18 @@ class MoE(nn.Module):
   erc_form: str = "ce"
   erc_margin: float = 0.5
   model_dim: Optional[int] = None
-  dtype: Any = jnp.float32
+  dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
   deterministic: Optional[bool] = None
+  decode: bool = False
   expert_parallel: Optional[parallel.ExpertParallel] = None
+  rng_name: str = "router"
+  kernel_init: Optional[Callable[..., Any]] = None
+  use_bias: bool = False
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  dropout_rate: float = 0.0
+  dropout_rng_name: str = "dropout"
+  aux: str = "return"
 
   def __post_init__(self):
     validation.positive_int("num_experts", self.num_experts)
@@ -175,7 +199,9 @@ class MoE(nn.Module):
     capacity.validate(self.capacity_factor, self.drop_policy)
     validation.one_of("engine", self.engine, tuple(dispatch.names()))
     dispatch.gmm_backends.create(self.backend, self.block_size, self.kernel_settings)
-    for reserved in ("num_experts", "top_k"):
+    validation.in_range("dropout_rate", self.dropout_rate, 0, 1, high_open=True)
+    validation.one_of("aux", self.aux, AUX_OUTPUTS)
+    for reserved in ("num_experts", "top_k", "rng_name"):
       if reserved in self.router_kwargs:
         raise ValueError(f"router_kwargs.{reserved} is set by the layer (its {reserved} "
                          f"and granularity); set MoE.{reserved} instead")
@@ -258,7 +284,8 @@ class MoE(nn.Module):
 
   def make_router(self, **module_kwargs) -> nn.Module:
     """The router with this layer's E, K and router_kwargs (unbound with parent=None)."""
-    kwargs = {"num_experts": self.routed_experts, "top_k": self.experts_per_token}
+    kwargs = {"num_experts": self.routed_experts, "top_k": self.experts_per_token,
+              "rng_name": self.rng_name}
     kwargs.update(dict(self.router_kwargs))
     return routers.create(self.router, **kwargs, **module_kwargs)
 
@@ -270,22 +297,28 @@ class MoE(nn.Module):
 
   def setup(self):
     self.router_module = self.make_router(name="router")
-    self.experts = FFNWeights(self.expert_hidden_dim, self.routed_experts, self.expert_type,
-                              self.activation, self.dtype, self.param_dtype)
+    ffn_settings = dict(expert_type=self.expert_type, activation=self.activation,
+                        param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                        use_bias=self.use_bias, bias_init=self.bias_init)
+    self.experts = FFNWeights(self.expert_hidden_dim, self.routed_experts, **ffn_settings)
     if self.num_shared_experts:
-      self.shared_experts = FFNWeights(
-          self.num_shared_experts * self.expert_hidden_dim, None, self.expert_type,
-          self.activation, self.dtype, self.param_dtype)
+      self.shared_experts = FFNWeights(self.num_shared_experts * self.expert_hidden_dim,
+                                       None, **ffn_settings)
 
   def __call__(self, x: Array, ctx: Optional[RoutingContext] = None, *,
-               deterministic: Optional[bool] = None) -> tuple[Array, MoEAux]:
-    """x [B, L, D] -> (y [B, L, D], MoEAux)."""
-    if x.ndim != 3:
-      raise ValueError(f"x must be [B, L, D], got shape {x.shape}")
+               deterministic: Optional[bool] = None, decode: Optional[bool] = None):
+    """x [B, L, D] (or [T, D], or [..., L, D]) -> (y of x's shape, MoEAux), or y
+    alone with aux='sow'."""
+    if x.ndim < 2:
+      raise ValueError(f"x must be [B, L, D] or [T, D], got shape {x.shape}")
+    shape = x.shape
+    x = x.reshape((1,) + shape if x.ndim == 2 else (-1,) + shape[-2:])
     batch, length, model_dim = x.shape
     if self.model_dim is not None and model_dim != self.model_dim:
       raise ValueError(f"model_dim is {self.model_dim} but x has last dimension {model_dim}")
     deterministic = self._resolve_deterministic(deterministic)
+    decode = self.decode if decode is None else decode
+    dtype = x.dtype if self.dtype is None else self.dtype
     ctx = RoutingContext() if ctx is None else ctx
     num_tokens, num_experts = batch * length, self.routed_experts
     real = ctx.token_mask(num_tokens)
@@ -296,13 +329,13 @@ class MoE(nn.Module):
     plan, cap = routed.plan, None
     drop_metrics = {"dropped": jnp.zeros((), jnp.float32),
                     "dropped_share": jnp.zeros((), jnp.float32)}
-    if self.capacity_factor is not None:
+    if self.capacity_factor is not None and not decode:
       cap = capacity.capacity(plan.num_slots, 1, num_experts, self.capacity_factor)
       plan, drop_metrics = capacity.apply_capacity(plan, routed.probs, num_experts, cap,
                                                    self.drop_policy)
 
-    tokens = x.reshape(num_tokens, model_dim).astype(self.dtype)
-    ffn = self.experts(model_dim)
+    tokens = x.reshape(num_tokens, model_dim).astype(dtype)
+    ffn = self._with_dropout(self.experts(model_dim, dtype), deterministic)
     rows = routed.rows(tokens)
     if self.expert_parallel is None:
       y = self._make_engine()(rows, plan, ffn, capacity=cap)
@@ -313,7 +346,7 @@ class MoE(nn.Module):
       drop_metrics = {**drop_metrics, **ep_metrics}
     y = routed.to_tokens(y, num_tokens)
     if self.num_shared_experts:
-      y = y + self._shared(tokens)
+      y = y + self._shared(tokens, deterministic)
     losses, aux_metrics = dict(routed.losses), {**routed.metrics, **drop_metrics}
     weights = self.resolved_loss_weights
     if "tsallis" in weights:
@@ -331,11 +364,26 @@ class MoE(nn.Module):
     aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics,
                  plan=routed.token_plan if self.router_spec.mixes_tokens else plan,
                  counts=routed.counts, carry=routed.carry)
-    return y.reshape(batch, length, model_dim), aux
+    y = y.reshape(shape)
+    if self.aux == "sow":
+      if not self.is_initializing():
+        self.sow(sown.LOSSES, "loss", aux.loss)
+        self.sow(sown.METRICS, "metrics", aux.metrics)
+      return y
+    return y, aux
 
-  def _shared(self, tokens: Array) -> Array:
+  def _with_dropout(self, ffn: ExpertFFN, deterministic: bool) -> ExpertFFN:
+    """ffn with hidden dropout in training (dropout_rate > 0)."""
+    if deterministic or self.dropout_rate == 0:
+      return ffn
+    return ffn.replace(dropout_rate=self.dropout_rate,
+                       dropout_key=self.make_rng(self.dropout_rng_name))
+
+  def _shared(self, tokens: Array, deterministic: bool) -> Array:
     """The shared experts' output on tokens [T, D]."""
-    return self.shared_experts(tokens.shape[-1])(tokens, dense_matmul)
+    ffn = self._with_dropout(self.shared_experts(tokens.shape[-1], tokens.dtype),
+                             deterministic)
+    return ffn(tokens, dense_matmul)
 
   @property
   def uses_erc(self) -> bool:
@@ -346,10 +394,10 @@ class MoE(nn.Module):
     """M [E, E]: norm of expert i's intermediate activation on router proxy j."""
     proxies = self.router_module.expert_embeddings()                  # [E, D]
     if not deterministic and self.erc_noise > 0:
-      proxies = proxies * jax.random.uniform(self.make_rng("router"), proxies.shape,
+      proxies = proxies * jax.random.uniform(self.make_rng(self.rng_name), proxies.shape,
                                              jnp.float32, 1 - self.erc_noise,
                                              1 + self.erc_noise)
-    hidden = ffn.hidden(proxies.astype(self.dtype),
+    hidden = ffn.hidden(proxies.astype(ffn.weights["wo"].dtype),
                         lambda p, w: jnp.einsum("jd,idf->ijf", p, w))  # [E_i, E_j, F]
     return jnp.linalg.norm(hidden.astype(jnp.float32), axis=-1)
 

@@ -71,16 +71,51 @@ def test_expert_major_plan_laid_out_token_major():
   np.testing.assert_allclose(out.weight, [0.25, 0, 1.0, 0, 0.5, 0.75])
 
 
-def test_expert_parallel_needs_a_mesh_and_a_plan():
-  x = jnp.ones((B, L, D))
+def test_expert_parallel_without_a_mesh_runs_unsharded_and_checks_its_mesh():
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D))
   layer = _layer("topk", expert_parallel=ExpertParallel())
   variables = _layer("topk").init(jax.random.PRNGKey(1), x)
-  with pytest.raises(ValueError, match=r"MoE\.expert_parallel needs a mesh"):
-    layer.apply(variables, x)
+  # No mesh in context (init, eval_shape, one device): the engine alone.
+  y, aux = layer.apply(variables, x)
+  np.testing.assert_allclose(y, _layer("topk").apply(variables, x)[0], rtol=1e-6)
+  assert "ep_dropped" not in aux.metrics
+  jax.eval_shape(layer.init, jax.random.PRNGKey(1), x)
   with jax.set_mesh(make_mesh(1, 8, 1)):
-    with pytest.raises(ValueError, match=r"tokens per call B\*L = 12 must be divisible"):
+    with pytest.raises(ValueError, match=r"tokens per call B\*L = 12 must be divisible by "
+                                         r"mesh\.data \* mesh\.expert = 8"):
       layer.apply(variables, x[:, :3])
+  # A mesh with other names: the settings must name its axes.
+  other = jax.make_mesh((2, 4), ("batch", "experts"), devices=jax.devices()[:8])
+  with jax.set_mesh(other):
+    with pytest.raises(ValueError, match=r"names mesh axes \('data', 'expert', 'model'\).*"
+                                         r"\['data', 'expert', 'model'\] missing"):
+      layer.apply(variables, x)
+  with pytest.raises(ValueError, match="batch_axes .* must include expert_axis 'experts'"):
+    ExpertParallel(batch_axes=("batch",), expert_axis="experts")
   with pytest.raises(ValueError, match="rows mix tokens"):
     MoE(num_experts=8, hidden_dim=16, router="soft", expert_parallel=ExpertParallel())
   with pytest.raises(TypeError, match="ExpertParallel"):
     MoE(num_experts=8, hidden_dim=16, expert_parallel="all_to_all")
+
+
+@pytest.mark.parametrize("settings", [
+    dict(dispatch="all_to_all", llep=True, llep_threshold=1.0),
+    dict(dispatch="all_gather")])
+def test_expert_parallel_on_a_mesh_with_its_own_axis_names_and_biases(settings):
+  """A model's own mesh ('batch', 'experts', 'tensor'), named in ExpertParallel;
+  expert biases sharded with their experts (the output bias added once over the
+  model axis): values and gradients equal one device."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D))
+  reference = _layer("topk", use_bias=True, bias_init=nn.initializers.normal(1.0))
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  (want_loss, _), want_grads = _loss_and_grads(reference, variables, x)
+  named = ExpertParallel(batch_axes=("batch", "experts"), expert_axis="experts",
+                         model_axis="tensor", **settings)
+  layer = reference.clone(expert_parallel=named)
+  mesh = jax.make_mesh((2, 2, 2), ("batch", "experts", "tensor"), devices=jax.devices()[:8])
+  with jax.set_mesh(mesh):
+    (loss, metrics), grads = _loss_and_grads(layer, variables, x)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-5, what=str(settings))
+  assert float(metrics["ep_dropped"]) == 0

@@ -104,11 +104,31 @@ def check_router_example(ns: dict) -> None:
     routers.unregister("carry_topk")
 
 
+def check_drop_in_example(ns: dict) -> None:
+  """In place of an MLP block: y stays bfloat16, the sown loss is the weighted
+  switch and z losses of the one MoE layer, and the bias moved by the aux-free rule
+  (1e-3 * sign(mean count - count)) with the counts reset."""
+  aux, variables = ns["aux"], ns["variables"]
+  assert set(aux.metrics) == {"MoE_0"}
+  metrics = aux.metrics["MoE_0"]
+  assert float(metrics["experts_per_token"]) <= 2.0
+  assert np.isfinite(float(ns["loss"])) and float(aux.loss) > 0
+  counts = np.asarray(aux.state["routing"]["MoE_0"]["router"]["counts"])
+  bias = np.asarray(variables["routing"]["MoE_0"]["router"]["bias"])
+  np.testing.assert_allclose(bias, 1e-3 * np.sign(counts.mean() - counts), atol=1e-9)
+  np.testing.assert_array_equal(variables["routing"]["MoE_0"]["router"]["counts"], 0)
+  y, _ = ns["block"].apply(variables, ns["x"], ns["tokens"], rngs={"dropout": ns["jax"]
+                           .random.PRNGKey(0)}, mutable=["routing"])
+  assert y.dtype == ns["jnp"].bfloat16
+  assert "b_wo" in variables["params"]["MoE_0"]["experts"]
+
+
 CHECKS = {
     "class Block(nn.Module)": check_layer_example,
     '"aux_free": True': check_aux_free_example,
     "import pallas_kernels": check_kernels_example,
     "(routers.Router)": check_router_example,
+    "class MlpBlock": check_drop_in_example,
 }
 
 
@@ -121,7 +141,7 @@ def check_of(block: str):
 
 def test_every_python_block_has_one_check():
   blocks = python_blocks()
-  assert len(blocks) == len(CHECKS) == 4
+  assert len(blocks) == len(CHECKS) == 5
   assert sorted(check_of(b).__name__ for b in blocks) == sorted(c.__name__ for c in CHECKS.values())
 
 

@@ -21,6 +21,13 @@ Transport of all_to_all:
               are dropped and counted. XLA:CPU lacks the op.
   auto        ragged on GPU and TPU, fixed elsewhere.
 
+Mesh axis names (your mesh, your names): tokens are sharded over `batch_axes`,
+which must include `expert_axis`, the axis the experts are sharded over; the
+experts' hidden axis F is sharded over `model_axis` (None: not split). The
+defaults are moejax's own mesh ('data', 'expert', 'model'); on a mesh
+('data', 'fsdp', 'tensor', 'expert') say batch_axes=('data', 'fsdp', 'expert'),
+model_axis='tensor'.
+
 capacity_factor: None is dropless (buffers sized for the worst case: every slot
 of a device to one destination); a value c sets the per-destination capacity
 C = ceil(c * A_local / n) (fixed) or the receive buffer ceil(c * A_local) rows
@@ -50,6 +57,9 @@ class ExpertParallel:
     llep_alpha: alpha >= 1; a device takes at most ceil(alpha * mean) rows.
     llep_min_chunk: m; no spill of fewer than m rows (they stay home).
     llep_guest_slots: G; experts a device may host besides its own.
+    batch_axes: mesh axes the tokens are sharded over (including expert_axis).
+    expert_axis: mesh axis the experts are sharded over.
+    model_axis: mesh axis the experts' hidden axis is sharded over, or None.
   """
 
   dispatch: str = "all_to_all"
@@ -60,8 +70,21 @@ class ExpertParallel:
   llep_alpha: float = 1.0
   llep_min_chunk: int = 1
   llep_guest_slots: int = 2
+  batch_axes: tuple[str, ...] = ("data", "expert")
+  expert_axis: str = "expert"
+  model_axis: Optional[str] = "model"
 
   def __post_init__(self):
+    if isinstance(self.batch_axes, str):
+      object.__setattr__(self, "batch_axes", (self.batch_axes,))
+    object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
+    if self.expert_axis not in self.batch_axes:
+      raise ValueError(f"expert_parallel.batch_axes {self.batch_axes} must include "
+                       f"expert_axis {self.expert_axis!r}: devices that hold different "
+                       "experts hold different tokens")
+    if self.model_axis is not None and self.model_axis in self.batch_axes:
+      raise ValueError(f"expert_parallel.model_axis {self.model_axis!r} must not be one of "
+                       f"batch_axes {self.batch_axes}")
     validation.one_of("expert_parallel.dispatch", self.dispatch, DISPATCHES)
     validation.one_of("expert_parallel.transport", self.transport, TRANSPORTS)
     if self.capacity_factor is not None:

@@ -33,6 +33,14 @@ LOGICAL_RULES = (
 )
 
 
+
+def expert_rules(expert_axis: str = "expert") -> tuple[tuple[str, str], ...]:
+  """The logical-axis rule a model with its own rules adds for the MoE layer: the
+  experts' stacking axis `expert` onto mesh axis `expert_axis`. The layer's other
+  logical axes are the usual `embed` and `mlp`, which such a model already maps."""
+  return (("expert", expert_axis),)
+
+
 def make_mesh(data: int = 1, expert: int = 1, model: int = 1,
               devices: Optional[Sequence[Any]] = None) -> Mesh:
   """Mesh with axes ('data', 'expert', 'model') over `devices` (default: all).

@@ -36,7 +36,8 @@ it, as a class attribute or a property:
                           of the batch; such a router has a field
                           `allow_noncausal` (noncausal_allowed) and a
                           `noncausal_reason`                                 True
-    uses_rng              True when it draws from the `router` rng stream in
+    uses_rng              True when it draws from its rng stream (the field
+                          `rng_name`, set by the layer; default `router`) in
                           training (deterministic=False)                    False
 
   What it hands on and keeps
@@ -95,6 +96,8 @@ class Router(nn.Module):
   their defaults. Subclasses are linen modules with fields num_experts and top_k
   and a __call__(x, ctx, deterministic) -> RouterOutput."""
 
+  rng_name: str = dataclasses.field(default="router", kw_only=True)
+
   router_name: ClassVar[str] = ""
   loss_names: ClassVar[tuple[str, ...]] = ()
   default_loss_weights: ClassVar[Mapping[str, float]] = {}
@@ -117,7 +120,7 @@ class Router(nn.Module):
 
   @property
   def uses_rng(self) -> bool:
-    """Whether it draws from the `router` rng stream in training."""
+    """Whether it draws from the rng stream `rng_name` in training."""
     return False
 
   @property

@@ -15,8 +15,11 @@ equally likely), with weights 1/K. They differ in what u depends on:
                        shared by every token: the whole batch goes to the same
                        K experts of the layer (THOR: K = 1)
             per_token  u [T, E]: each token its own K experts
-          With deterministic=True, u [T, E] per token from the fixed key
-          (seed, layer), whatever `draw`, so evaluation is reproducible.
+          With deterministic=True, each token's u [E] comes from the fixed key
+          (seed, layer, batch row, position), whatever `draw`: evaluation is
+          reproducible, and a token's experts do not depend on the length of
+          the batch it is in, so cached decoding routes as the full forward
+          (positions from RoutingContext.positions, else 0..L-1).
 
 What THOR's official code does (github.com/microsoft/Stochastic-Mixture-of-
 Experts, thor/transformer_thor_layer.py): in training, each expert layer draws
@@ -155,6 +158,7 @@ class RandomRouter(_UniformRouter):
   draw: str = "per_batch"
   consistency_weight: float = 0.0
   uses_rng: ClassVar[bool] = True
+  context_fields: ClassVar[frozenset] = frozenset({"positions"})
 
   def __post_init__(self):
     validation.one_of("draw", self.draw, DRAWS)
@@ -172,10 +176,18 @@ class RandomRouter(_UniformRouter):
     shape = (tokens.shape[0], self.num_experts)
     if deterministic:
       layer = 0 if ctx is None or ctx.layer is None else ctx.layer
-      scores = jax.random.uniform(jax.random.fold_in(jax.random.key(self.seed), layer), shape)
+      batch = x.shape[0] if x.ndim == 3 else 1                  # x [B, L, D] or [T, D]
+      length = tokens.shape[0] // batch
+      positions = (jnp.broadcast_to(jnp.arange(length), (batch, length))
+                   if ctx is None or ctx.positions is None else ctx.positions)
+      rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
+      base = jax.random.fold_in(jax.random.key(self.seed), layer)
+      draw = lambda row, position: jax.random.uniform(
+          jax.random.fold_in(jax.random.fold_in(base, row), position), (self.num_experts,))
+      scores = jax.vmap(draw)(rows.reshape(-1), jnp.reshape(positions, (-1,)))
     elif self.draw == "per_batch":
       scores = jnp.broadcast_to(
-          jax.random.uniform(self.make_rng("router"), (self.num_experts,)), shape)
+          jax.random.uniform(self.make_rng(self.rng_name), (self.num_experts,)), shape)
     else:
-      scores = jax.random.uniform(self.make_rng("router"), shape)
+      scores = jax.random.uniform(self.make_rng(self.rng_name), shape)
     return self._output(scores, ctx)

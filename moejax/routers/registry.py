@@ -15,8 +15,9 @@ from moejax.routers.base import check_declarations
 
 _ROUTERS: dict[str, type[nn.Module]] = {}
 
-# Fields every linen module has; not router settings.
-_MODULE_FIELDS = ("parent", "name")
+# Fields every linen module has, and the rng stream the layer names; not router
+# settings.
+_MODULE_FIELDS = ("parent", "name", "rng_name")
 
 
 def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -58,7 +59,7 @@ def fields(name: str) -> list[str]:
 def create(name: str, /, **kwargs) -> nn.Module:
   """Builds router `name`, validating its settings before any tracing.
 
-  Linen's `parent` and `name` may be passed through.
+  Linen's `parent` and `name`, and the rng stream `rng_name`, may be passed through.
 
   Raises:
     ValueError: unknown router, unknown setting, or a bad value (the message

@@ -148,7 +148,7 @@ class _SinkhornBase(SwitchBalancedRouter):
     if self.fraction == 1:
       return jnp.ones((num_tokens,), bool)
     draws = 1 if self.fraction_of == "steps" else num_tokens
-    use = jax.random.uniform(self.make_rng("router"), (draws,)) < self.fraction
+    use = jax.random.uniform(self.make_rng(self.rng_name), (draws,)) < self.fraction
     return jnp.broadcast_to(use, (num_tokens,))
 
   @nn.compact

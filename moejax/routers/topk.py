@@ -163,7 +163,7 @@ class TopKRouter(SwitchBalancedRouter):
     x, batch = flatten_tokens(x)
     real = ctx.token_mask(x.shape[0])
     if self.jitter > 0 and not deterministic:
-      x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
+      x = x * jax.random.uniform(self.make_rng(self.rng_name), x.shape, jnp.float32,
                                  1.0 - self.jitter, 1.0 + self.jitter)
     logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
     if self.noisy:
@@ -171,7 +171,7 @@ class TopKRouter(SwitchBalancedRouter):
           x, self.num_experts, nn.initializers.zeros_init(), "noise"))
       if not deterministic:
         logits = logits + noise_std * jax.random.normal(
-            self.make_rng("router"), logits.shape, jnp.float32)
+            self.make_rng(self.rng_name), logits.shape, jnp.float32)
 
     if self.score == "sigmoid":
       # s / sum(s) as a softmax of log-sigmoids: finite even when every s underflows.

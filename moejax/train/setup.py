@@ -29,13 +29,18 @@ from moejax.models import TransformerLM
 from moejax.parallel import BATCH_AXES, ExpertParallel, make_mesh, sharded
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# MoE attributes the model sets (its dtypes, the model dimension) or that are not
-# settings (linen's parent and name; router_kwargs come from the router section).
+# MoE attributes the model and the train step set (dtypes, the model dimension,
+# the tuple return, the rng streams, training or decoding) or that are not config
+# values (linen's parent and name, initializers; router_kwargs come from the
+# router section).
 _MOE_SET_ELSEWHERE = ("parent", "name", "router_kwargs", "model_dim", "dtype",
-                      "param_dtype", "deterministic")
+                      "param_dtype", "deterministic", "decode", "aux", "rng_name",
+                      "dropout_rng_name", "kernel_init", "bias_init")
 MOE_FIELDS = tuple(f.name for f in dataclasses.fields(MoE)
                    if f.name not in _MOE_SET_ELSEWHERE)
 TILING_PASSES = ("forward", "lhs_grad", "rhs_grad")
+# ExpertParallel's mesh axis names: the trainer's mesh is moejax's own.
+MESH_NAMES = ("batch_axes", "expert_axis", "model_axis")
 
 
 def config_from_file(path: str, sibling_of: Optional[str] = None):
@@ -85,7 +90,8 @@ def expert_parallel_section():
   """config.moe.expert_parallel at its defaults: off (dispatch 'none')."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  fields = {f.name: f.default for f in dataclasses.fields(ExpertParallel)}
+  fields = {f.name: f.default for f in dataclasses.fields(ExpertParallel)
+            if f.name not in MESH_NAMES}
   fields["dispatch"] = "none"
   fields["capacity_factor"] = config_dict.placeholder(float)
   return ml_collections.ConfigDict(fields)
@@ -95,7 +101,7 @@ def expert_parallel(section: Optional[dict[str, Any]]) -> Optional[ExpertParalle
   """ExpertParallel from config.moe.expert_parallel; None when dispatch is 'none'."""
   if not section or section.get("dispatch", "none") == "none":
     return None
-  known = {f.name for f in dataclasses.fields(ExpertParallel)}
+  known = {f.name for f in dataclasses.fields(ExpertParallel)} - set(MESH_NAMES)
   unknown = sorted(set(section) - known)
   if unknown:
     raise ValueError(f"moe.expert_parallel has unknown fields {unknown}; fields: "
@@ -115,7 +121,8 @@ def router_sections(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
       continue
     section = {}
     for field in dataclasses.fields(routers.get(name)):
-      if field.name in ("num_experts", "top_k", "parent", "name") or callable(field.default):
+      if (field.name in ("num_experts", "top_k", "parent", "name", "rng_name")
+          or callable(field.default)):
         continue
       if field.default is None:
         kind = float if "float" in str(field.type) else int

@@ -63,7 +63,7 @@ def _forward(model: TransformerLM, params: Any, routing: Any, rows: dict[str, Ar
   the logits."""
   variables = {"params": params, **({"routing": routing} if routing else {})}
   mutable = ["routing"] if routing and not deterministic else False
-  rngs = {} if deterministic else {"router": rng}
+  rngs = {} if deterministic else {"router": rng, "dropout": jax.random.fold_in(rng, 1)}
   out = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
                     deterministic=deterministic, rngs=rngs, mutable=mutable, step=step,
                     global_counts=global_counts, data_shards=data_shards)
