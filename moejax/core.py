@@ -158,7 +158,8 @@ class RoutingContext:
     attention: float32[B, L, L], head-averaged attention probabilities of the
       preceding attention block.
     carry: recurrent router state handed from the previous MoE layer.
-    token_ids: int32[B, L], input token ids (hash routing).
+    token_ids: int32[B, L], the ids fed at each position (the inputs, after the
+      shift of a language model, never the targets); hash routing reads them.
     capacity: an externally set capacity per expert.
     global_counts: float32[E], this layer's selection counts over the whole
       optimizer step (all devices and micro-batches), for the `global` balance

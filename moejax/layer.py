@@ -40,6 +40,13 @@ A router that looks at other tokens of the batch (expert choice, Sinkhorn in
 training, Soft MoE) raises in a causal model (RoutingContext.causal) unless its
 allow_noncausal is set (routers.check_causal).
 
+In a model written by others the layer stands in for an MLP block: with
+aux="sow" it returns y alone and sows its weighted loss and metrics (moejax.sown);
+dtype=None follows the input; `rng_name` names the stream of router noise;
+`kernel_init`, `use_bias` and `dropout_rate` are the MLP block's options; x may be
+[T, D]; `decode` turns capacity off, so one token at a time routes as in the full
+forward; without a mesh in context an expert-parallel layer runs unsharded.
+
 Router state that is not a parameter (the aux-free bias and its step counts)
 lives in the `routing` collection; `update_routing()`, applied with
 mutable=['routing'] after the optimizer step, lets the router update it. What a
