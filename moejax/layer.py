@@ -75,6 +75,22 @@ LAYER_LOSSES = ("tsallis", "erc")
 AUX_OUTPUTS = ("return", "sow")
 
 
+def check_auto_mesh() -> None:
+  """Raises ValueError, naming the axes, when the mesh in context has Explicit
+  axes: the layer shards through the compiler (Auto axes), as linen's logical
+  partitioning does."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return
+  explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+              if kind == jax.sharding.AxisType.Explicit]
+  if explicit:
+    raise ValueError(
+        f"MoE runs under a mesh with Auto axes, but the mesh in context has Explicit axes "
+        f"{explicit}: build it with jax.make_mesh(..., axis_types=(jax.sharding.AxisType."
+        "Auto,) * n) or moejax.parallel.make_mesh")
+
+
 class MoEAux(flax.struct.PyTreeNode):
   """What the MoE layer returns beside y.
 
@@ -289,6 +305,7 @@ class MoE(nn.Module):
     """F / m."""
     return self.hidden_dim // self.granularity
 
+  @nn.nowrap
   def make_router(self, **module_kwargs) -> nn.Module:
     """The router with this layer's E, K and router_kwargs (unbound with parent=None)."""
     kwargs = {"num_experts": self.routed_experts, "top_k": self.experts_per_token,
@@ -296,6 +313,7 @@ class MoE(nn.Module):
     kwargs.update(dict(self.router_kwargs))
     return routers.create(self.router, **kwargs, **module_kwargs)
 
+  @nn.nowrap
   def _make_engine(self):
     if self.engine == "sorted":
       return dispatch.create("sorted", backend=self.backend, block_size=self.block_size,
@@ -323,6 +341,7 @@ class MoE(nn.Module):
     batch, length, model_dim = x.shape
     if self.model_dim is not None and model_dim != self.model_dim:
       raise ValueError(f"model_dim is {self.model_dim} but x has last dimension {model_dim}")
+    check_auto_mesh()
     deterministic = self._resolve_deterministic(deterministic)
     decode = self.decode if decode is None else decode
     dtype = x.dtype if self.dtype is None else self.dtype
@@ -379,6 +398,7 @@ class MoE(nn.Module):
       return y
     return y, aux
 
+  @nn.nowrap
   def _with_dropout(self, ffn: ExpertFFN, deterministic: bool) -> ExpertFFN:
     """ffn with hidden dropout in training (dropout_rate > 0)."""
     if deterministic or self.dropout_rate == 0:
@@ -412,6 +432,7 @@ class MoE(nn.Module):
     """After an optimizer step: let the router update its `routing` state."""
     self.router_module.update_state()
 
+  @nn.nowrap
   def _resolve_deterministic(self, deterministic: Optional[bool]) -> bool:
     if deterministic is None and self.deterministic is None:
       if self.router_spec.uses_rng:

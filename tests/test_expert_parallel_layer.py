@@ -85,10 +85,17 @@ def test_expert_parallel_without_a_mesh_runs_unsharded_and_checks_its_mesh():
                                          r"mesh\.data \* mesh\.expert = 8"):
       layer.apply(variables, x[:, :3])
   # A mesh with other names: the settings must name its axes.
-  other = jax.make_mesh((2, 4), ("batch", "experts"), devices=jax.devices()[:8])
+  other = jax.make_mesh((2, 4), ("batch", "experts"), devices=jax.devices()[:8],
+                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(other):
     with pytest.raises(ValueError, match=r"names mesh axes \('data', 'expert', 'model'\).*"
                                          r"\['data', 'expert', 'model'\] missing"):
+      layer.apply(variables, x)
+  # Explicit axes (jax.make_mesh's default): one line naming them.
+  explicit = jax.make_mesh((2, 4), ("data", "expert"), devices=jax.devices()[:8],
+                           axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  with jax.set_mesh(explicit):
+    with pytest.raises(ValueError, match=r"Explicit axes \['data', 'expert'\]: build it"):
       layer.apply(variables, x)
   with pytest.raises(ValueError, match="batch_axes .* must include expert_axis 'experts'"):
     ExpertParallel(batch_axes=("batch",), expert_axis="experts")
@@ -113,7 +120,8 @@ def test_expert_parallel_on_a_mesh_with_its_own_axis_names_and_biases(settings):
   named = ExpertParallel(batch_axes=("batch", "experts"), expert_axis="experts",
                          model_axis="tensor", **settings)
   layer = reference.clone(expert_parallel=named)
-  mesh = jax.make_mesh((2, 2, 2), ("batch", "experts", "tensor"), devices=jax.devices()[:8])
+  mesh = jax.make_mesh((2, 2, 2), ("batch", "experts", "tensor"), devices=jax.devices()[:8],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):
     (loss, metrics), grads = _loss_and_grads(layer, variables, x)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)

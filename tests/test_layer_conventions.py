@@ -277,3 +277,17 @@ def test_expert_rules_join_a_models_own_rules_on_its_own_mesh():
   assert tuple(shardings["experts"]["wi_gate"].spec) == ("expert", "fsdp", "tensor")
   assert tuple(shardings["experts"]["wo"].spec) == ("expert", "tensor", "fsdp")
   assert expert_rules() == (("expert", "expert"),)
+
+
+def test_capture_intermediates_records_the_layers_output():
+  """A filter on MoE modules (Flax's capture_intermediates) sees the layer's calls,
+  not its helpers, and building the router is no method call."""
+  x = _x()
+  model = TwoMoE({})
+  variables = model.init(jax.random.PRNGKey(1), x)
+  y, state = model.apply(variables, x, mutable=["intermediates"],
+                         capture_intermediates=lambda m, _: isinstance(m, MoE))
+  captured = state["intermediates"]["MoE_1"]
+  assert set(captured) == {"__call__", "setup"}
+  np.testing.assert_allclose(y, x + state["intermediates"]["MoE_0"]["__call__"][0]
+                             + captured["__call__"][0], rtol=1e-5, atol=1e-6)

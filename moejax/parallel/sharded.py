@@ -144,10 +144,6 @@ def sharded_experts(tokens: Array, plan: RoutingPlan, ffn: ExpertFFN, engine,
     totals = jnp.concatenate([me * stats.rows, jnp.stack([stats.dropped, stats.spilled])])
     return y, jax.lax.psum(totals, batch_axes)
 
-  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    # Explicit axes (jax.make_mesh's default): the inputs take the specs first.
-    tokens, plan, ffn = jax.sharding.reshard(
-        (tokens, plan, ffn), (P(batch_axes), P(batch_axes), weight_specs))
   y, totals = jax.shard_map(
       device, mesh=mesh, in_specs=(P(batch_axes), P(batch_axes), weight_specs),
       out_specs=(P(batch_axes), P()), check_vma=checks_varying_axes(engine))(tokens, plan, ffn)
