@@ -36,8 +36,9 @@ PALLAS = pallas_kernels.KernelSettings(tiling=pallas_kernels.GmmTiling.uniform(8
 
 
 @pytest.mark.parametrize("router,shape,backend", [
-    (router, shape, "xla") for router in ("topk", "expert_choice")
-    for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]]
+    (router, shape, "xla") for router, shapes in (
+        ("topk", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]),
+        ("expert_choice", [(2, 4, 1), (2, 2, 2)])) for shape in shapes]
     + [("topk", (2, 2, 2), "pallas"), ("expert_choice", (1, 8, 1), "pallas")])
 def test_layer_expert_parallel_equals_one_device(router, shape, backend):
   x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D))

@@ -220,8 +220,9 @@ def test_decode_turns_capacity_off_so_one_token_routes_as_in_the_full_forward():
   full, aux = layer.apply(variables, x, decode=True)
   assert float(aux.metrics["dropped"]) == 0
   np.testing.assert_allclose(full, _layer(top_k=1).apply(variables, x)[0], rtol=1e-6)
+  decode_step = jax.jit(layer.clone(decode=True).apply)
   for p in range(L):                                           # one position at a time
-    step, _ = layer.clone(decode=True).apply(variables, x[:, p:p + 1])
+    step, _ = decode_step(variables, x[:, p:p + 1])
     np.testing.assert_allclose(step[:, 0], full[:, p], rtol=1e-5, atol=1e-6)
 
 
@@ -231,9 +232,10 @@ def test_random_routing_at_evaluation_depends_on_row_and_position_not_batch_leng
   variables = layer.init(jax.random.PRNGKey(1), x)
   _, full = layer.apply(variables, x)
   experts = np.asarray(full.plan.expert).reshape(B, L, 2)
+  one_position = jax.jit(layer.apply)
   for p in (0, 3, 7):
     ctx = RoutingContext(positions=jnp.full((B, 1), p))
-    _, one = layer.apply(variables, x[:, p:p + 1], ctx)
+    _, one = one_position(variables, x[:, p:p + 1], ctx)
     np.testing.assert_array_equal(np.asarray(one.plan.expert).reshape(B, 2), experts[:, p])
   assert len({tuple(row) for row in experts.reshape(-1, 2)}) > 3   # still varies by token
 

@@ -1,0 +1,289 @@
+"""The experiment harness: a grid of arms x datasets x seeds, resumable, with
+spreads, paired differences against a baseline and verdicts from their intervals.
+
+  grid = harness.Grid(name="router_zoo", arms=[...], baseline="topk",
+                      datasets=["stdlib_text"], seeds={"topk": 5, "*": 3})
+  results = harness.run_grid(grid, run_one, "experiments/results/router_zoo.json")
+
+`run_one(arm, dataset, seed) -> dict` trains one run and returns its figures: a
+`final` dict of scalars and, optionally, `evals` (the per-evaluation records).
+Every finished run is written to the grid's JSON at once (atomically), and a
+rerun skips the cells the JSON already holds, so a grid interrupted at any point
+resumes where it stopped, on this machine or another.
+
+Statistics, per figure and arm (`compare`):
+  spread      mean, standard deviation (n - 1), min and max over seeds
+  paired      d_s = arm_s - baseline_s for each seed s both ran (same data order
+              and initialisation seed), mean d and its two-sided 95% Student t
+              interval mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n)
+  verdict     from the interval alone (`verdict`):
+                lower      the arm's figure is below the baseline's: holds when the
+                           interval lies below 0, does not hold when it lies above
+                           0, else cannot tell
+                higher     the mirror image
+                no_worse   (a figure where lower is better, e.g. a loss) holds
+                           when the interval lies below the margin, does not hold
+                           when it lies above 0 (worse beyond noise), else cannot
+                           tell; the margin is the baseline's own seed standard
+                           deviation in the same grid, a measured noise level
+              fewer than 2 paired seeds: cannot tell
+
+Reports (`write_report`): the tables are generated from the JSON on every write;
+a hand-written "## Reading" section is kept, and records the digest of the data it
+was written against (`<!-- reading of data DIGEST -->`). When the data under it
+changes, the harness marks the reading stale in its first line until someone
+rereads the numbers and updates the digest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+READING = "## Reading"
+STALE = ("**Stale: the data under this reading changed since it was written "
+         "(digest {old}, now {new}); reread the tables and update the digest.**")
+DIGEST_MARK = "<!-- reading of data {digest} -->"
+CLAIMS = ("lower", "higher", "no_worse")
+
+# Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30; beyond, the normal.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile(df: int) -> float:
+  """t_{0.975, df}: the two-sided 95% quantile of Student's t."""
+  if df < 1:
+    raise ValueError(f"degrees of freedom must be at least 1, got {df}")
+  return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """Arms x datasets x seeds.
+
+  Attributes:
+    name: the experiment's name (the JSON's `grid`).
+    arms: arm names, in report order; `baseline` among them.
+    baseline: the arm every other arm is compared with.
+    datasets: dataset names.
+    seeds: seeds per arm: an int for all, or {arm: n, "*": default}; seeds are
+      0..n-1, so every arm's seeds are paired with the baseline's.
+  """
+
+  name: str
+  arms: Sequence[str]
+  baseline: str
+  datasets: Sequence[str]
+  seeds: Any = 3
+
+  def __post_init__(self):
+    if self.baseline not in self.arms:
+      raise ValueError(f"baseline {self.baseline!r} is not one of the arms {list(self.arms)}")
+    for arm in self.arms:
+      if self.num_seeds(arm) < 1:
+        raise ValueError(f"seeds for arm {arm!r} must be at least 1")
+
+  def num_seeds(self, arm: str) -> int:
+    if isinstance(self.seeds, Mapping):
+      return int(self.seeds.get(arm, self.seeds.get("*", 3)))
+    return int(self.seeds)
+
+  def cells(self) -> list[tuple[str, str, int]]:
+    """(arm, dataset, seed) of every run, seed-major so that an interrupted grid
+    has every arm at the same seeds."""
+    most = max(self.num_seeds(a) for a in self.arms)
+    return [(arm, dataset, seed) for seed in range(most) for dataset in self.datasets
+            for arm in self.arms if seed < self.num_seeds(arm)]
+
+
+def _key(run: Mapping[str, Any]) -> tuple[str, str, int]:
+  return run["arm"], run["dataset"], int(run["seed"])
+
+
+def load(path: str) -> dict[str, Any]:
+  """The grid JSON at path ({"grid", "runs": [...]}), or an empty one."""
+  if not os.path.exists(path):
+    return {"grid": None, "runs": []}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def save(path: str, data: Mapping[str, Any]) -> None:
+  """Writes the grid JSON atomically (a temporary file, then a rename)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def run_grid(grid: Grid, run_one: Callable[[str, str, int], Mapping[str, Any]], path: str,
+             meta: Optional[Mapping[str, Any]] = None, log=sys.stderr) -> dict[str, Any]:
+  """Runs every cell of `grid` that the JSON at `path` lacks, saving after each.
+
+  Each run's record is {"arm", "dataset", "seed", "wall_s", **run_one(...)}.
+  """
+  data = load(path)
+  if data["grid"] not in (None, grid.name):
+    raise ValueError(f"{path} holds grid {data['grid']!r}, not {grid.name!r}")
+  data["grid"] = grid.name
+  data["baseline"] = grid.baseline
+  data["arms"] = list(grid.arms)
+  data["datasets"] = list(grid.datasets)
+  data.setdefault("meta", {}).update(meta or {})
+  done = {_key(r) for r in data["runs"]}
+  todo = [c for c in grid.cells() if c not in done]
+  print(f"{grid.name}: {len(done)} runs done, {len(todo)} to run", file=log, flush=True)
+  for i, (arm, dataset, seed) in enumerate(todo, 1):
+    start = time.time()
+    record = dict(run_one(arm, dataset, seed))
+    record.update(arm=arm, dataset=dataset, seed=seed, wall_s=round(time.time() - start, 1))
+    data["runs"].append(record)
+    save(path, data)
+    print(f"{grid.name} [{i}/{len(todo)}] {arm} {dataset} seed {seed}: "
+          f"{json.dumps(record.get('final', {}), sort_keys=True)[:200]} "
+          f"({record['wall_s']:.0f} s)", file=log, flush=True)
+  return data
+
+
+# ----------------------------------------------------------------------------
+# Statistics.
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+  """n, mean, standard deviation (n - 1; None for n < 2), min, max."""
+  values = [float(v) for v in values]
+  n = len(values)
+  if not n:
+    return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+  mean = sum(values) / n
+  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None)
+  return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def paired_interval(differences: Sequence[float]) -> dict[str, Any]:
+  """Mean of the paired differences and its 95% t interval (None below 2)."""
+  d = spread(differences)
+  if d["n"] < 2:
+    return {"n": d["n"], "mean": d["mean"], "low": None, "high": None}
+  half = t_quantile(d["n"] - 1) * d["std"] / math.sqrt(d["n"])
+  return {"n": d["n"], "mean": d["mean"], "low": d["mean"] - half, "high": d["mean"] + half}
+
+
+def verdict(interval: Mapping[str, Any], claim: str, margin: Optional[float] = None) -> str:
+  """"holds", "does not hold" or "cannot tell", from the interval of arm - baseline
+  (module docstring)."""
+  if claim not in CLAIMS:
+    raise ValueError(f"claim must be one of {CLAIMS}, got {claim!r}")
+  low, high = interval.get("low"), interval.get("high")
+  if low is None or high is None:
+    return "cannot tell"
+  if claim == "lower":
+    return "holds" if high < 0 else "does not hold" if low > 0 else "cannot tell"
+  if claim == "higher":
+    return "holds" if low > 0 else "does not hold" if high < 0 else "cannot tell"
+  if margin is None:
+    raise ValueError("a no_worse claim needs a margin (the baseline's seed spread)")
+  return "holds" if high < margin else "does not hold" if low > 0 else "cannot tell"
+
+
+def figure(run: Mapping[str, Any], name: str) -> Optional[float]:
+  """run["final"][name], following "a/b" into nested dicts; None if absent."""
+  value: Any = run.get("final", {})
+  for part in name.split("/"):
+    if not isinstance(value, Mapping) or part not in value:
+      return None
+    value = value[part]
+  return None if value is None else float(value)
+
+
+def compare(data: Mapping[str, Any], name: str, dataset: str,
+            arms: Optional[Iterable[str]] = None) -> dict[str, dict[str, Any]]:
+  """{arm: {"spread": ..., "paired": ... (None for the baseline), "values": {seed: v}}}
+  of figure `name` on `dataset`."""
+  baseline = data["baseline"]
+  by_arm: dict[str, dict[int, float]] = {}
+  for run in data["runs"]:
+    value = figure(run, name)
+    if run["dataset"] == dataset and value is not None:
+      by_arm.setdefault(run["arm"], {})[int(run["seed"])] = value
+  base = by_arm.get(baseline, {})
+  out = {}
+  for arm in (arms or data.get("arms") or sorted(by_arm)):
+    values = by_arm.get(arm, {})
+    paired = None
+    if arm != baseline:
+      seeds = sorted(set(values) & set(base))
+      paired = paired_interval([values[s] - base[s] for s in seeds])
+      paired["seeds"] = seeds
+    out[arm] = {"spread": spread(list(values.values())), "paired": paired,
+                "values": {str(s): v for s, v in sorted(values.items())}}
+  return out
+
+
+def claim_verdict(comparison: Mapping[str, Any], arm: str, claim: str,
+                  baseline: str) -> str:
+  """The verdict of `claim` for `arm` in a compare() result; a no_worse claim
+  takes the baseline's seed standard deviation as its margin."""
+  paired = comparison[arm]["paired"]
+  if paired is None:
+    return "baseline"
+  margin = comparison[baseline]["spread"]["std"] if claim == "no_worse" else None
+  if claim == "no_worse" and margin is None:
+    return "cannot tell"
+  return verdict(paired, claim, margin)
+
+
+# ----------------------------------------------------------------------------
+# Reports.
+
+def digest(obj: Any) -> str:
+  """A short digest of JSON-serialisable data (what a reading was written on)."""
+  text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def fmt(value: Optional[float], digits: int = 3) -> str:
+  return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def fmt_interval(paired: Optional[Mapping[str, Any]], digits: int = 3) -> str:
+  """"+0.012 [-0.004, +0.028]" (n < 2: the mean alone)."""
+  if paired is None or paired.get("mean") is None:
+    return "–"
+  text = f"{paired['mean']:+.{digits}f}"
+  if paired.get("low") is not None:
+    text += f" [{paired['low']:+.{digits}f}, {paired['high']:+.{digits}f}]"
+  return text
+
+
+def write_report(path: str, lines: list[str], data_digest: str) -> bool:
+  """Writes the generated `lines` to `path`, keeping a "## Reading" section at its
+  end; returns whether that reading is stale (written on other data), in which
+  case its first line says so."""
+  reading = ""
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = f.read()
+    if READING in old:
+      reading = old[old.index(READING):]
+  stale = False
+  if reading:
+    body = reading[len(READING):].lstrip("\n").splitlines()
+    body = [l for l in body if not l.startswith("**Stale: ")]
+    marks = [l for l in body if l.startswith("<!-- reading of data ")]
+    written_on = marks[0].split()[4] if marks else "none"
+    stale = written_on != data_digest
+    head = [READING, ""]
+    if stale:
+      head += [STALE.format(old=written_on, new=data_digest), ""]
+    reading = "\n".join(head + body).rstrip("\n") + "\n"
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines).rstrip("\n") + "\n" + ("\n" + reading if reading else ""))
+  return stale
