@@ -1,0 +1,129 @@
+"""The experiment harness: resumable grids, spreads, paired t intervals, verdicts
+from intervals, and readings marked stale when the data under them change."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+
+import hypothesis
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+import harness  # noqa: E402  (experiments/)
+
+
+def test_paired_interval_by_hand():
+  # d = [1, 2, 3]: mean 2, sd 1, se 1/sqrt(3); t_{0.975, 2} = 4.303:
+  # 2 +- 4.303 / sqrt(3) = 2 +- 2.4843.
+  out = harness.paired_interval([1.0, 2.0, 3.0])
+  assert out["n"] == 3 and out["mean"] == 2.0
+  np.testing.assert_allclose([out["low"], out["high"]], [2 - 2.48434, 2 + 2.48434], atol=1e-4)
+  assert harness.paired_interval([0.5])["low"] is None
+  assert harness.t_quantile(1) == 12.706 and harness.t_quantile(100) == 1.960
+  with pytest.raises(ValueError, match="degrees of freedom"):
+    harness.t_quantile(0)
+
+
+def test_spread_by_hand():
+  out = harness.spread([1.0, 3.0])
+  assert out == {"n": 2, "mean": 2.0, "std": math.sqrt(2.0), "min": 1.0, "max": 3.0}
+  assert harness.spread([4.0])["std"] is None and harness.spread([])["mean"] is None
+
+
+@pytest.mark.parametrize("low,high,claim,margin,want", [
+    (-0.3, -0.1, "lower", None, "holds"),
+    (0.1, 0.3, "lower", None, "does not hold"),
+    (-0.1, 0.1, "lower", None, "cannot tell"),
+    (0.1, 0.3, "higher", None, "holds"),
+    (-0.3, -0.1, "higher", None, "does not hold"),
+    (-0.02, 0.01, "no_worse", 0.03, "holds"),        # below the baseline's spread
+    (-0.02, 0.05, "no_worse", 0.03, "cannot tell"),
+    (0.01, 0.05, "no_worse", 0.03, "does not hold"),  # worse beyond noise
+    (None, None, "lower", None, "cannot tell"),
+])
+def test_verdicts_come_from_the_interval(low, high, claim, margin, want):
+  assert harness.verdict({"low": low, "high": high}, claim, margin) == want
+
+
+def test_verdict_arguments_are_checked():
+  with pytest.raises(ValueError, match="claim must be one of"):
+    harness.verdict({"low": 0, "high": 1}, "better")
+  with pytest.raises(ValueError, match="needs a margin"):
+    harness.verdict({"low": 0, "high": 1}, "no_worse")
+  with pytest.raises(ValueError, match="baseline 'x' is not one of the arms"):
+    harness.Grid(name="g", arms=["a"], baseline="x", datasets=["d"])
+
+
+@hypothesis.given(diffs=st.lists(st.floats(-5, 5), min_size=2, max_size=12))
+def test_interval_contains_the_mean_and_shrinks_with_agreement(diffs):
+  out = harness.paired_interval(diffs)
+  assert out["low"] <= out["mean"] + 1e-9 and out["mean"] <= out["high"] + 1e-9
+  same = harness.paired_interval([diffs[0]] * len(diffs))
+  np.testing.assert_allclose([same["low"], same["high"]], diffs[0], atol=1e-9)
+
+
+def _fake_run(calls):
+  def run_one(arm, dataset, seed):
+    calls.append((arm, dataset, seed))
+    base = {"a": 1.0, "b": 0.9, "c": 1.0}[arm]
+    return {"final": {"loss": base + 0.01 * seed + (0.001 * seed * seed if arm == "c" else 0)},
+            "evals": [{"step": 1, "loss": base}]}
+  return run_one
+
+
+def test_grid_runs_every_cell_once_resumes_and_compares(tmp_path):
+  path = str(tmp_path / "grid.json")
+  grid = harness.Grid(name="g", arms=["a", "b", "c"], baseline="a", datasets=["d"],
+                      seeds={"a": 5, "*": 3})
+  assert len(grid.cells()) == 5 + 3 + 3
+  assert grid.cells()[:3] == [("a", "d", 0), ("b", "d", 0), ("c", "d", 0)]   # seed-major
+  calls = []
+  # Interrupted after 4 runs: the JSON keeps them.
+  partial = harness.Grid(name="g", arms=["a", "b", "c"], baseline="a", datasets=["d"],
+                         seeds={"a": 2, "*": 1})
+  harness.run_grid(partial, _fake_run(calls), path, log=io.StringIO())
+  assert len(calls) == 4 and len(harness.load(path)["runs"]) == 4
+  data = harness.run_grid(grid, _fake_run(calls), path, log=io.StringIO())
+  assert len(calls) == 11                                  # 7 more, none twice
+  assert sorted(set(calls)) == sorted(grid.cells())
+  with open(path, encoding="utf-8") as f:
+    assert json.load(f)["runs"][0]["evals"] == [{"step": 1, "loss": 1.0}]
+  out = harness.compare(data, "loss", "d")
+  assert out["a"]["spread"]["n"] == 5 and out["a"]["paired"] is None
+  # b = a - 0.1 on every seed: the interval is a point at -0.1.
+  np.testing.assert_allclose([out["b"]["paired"]["low"], out["b"]["paired"]["high"]],
+                             -0.1, atol=1e-9)
+  assert out["b"]["paired"]["seeds"] == [0, 1, 2]
+  assert harness.claim_verdict(out, "b", "lower", "a") == "holds"
+  # c - a = 0.001 s^2 = [0, .001, .004]: mean .00167, above 0 but tiny; no worse
+  # than a within a's seed spread (sd of 1.00..1.04 = 0.0158).
+  assert harness.claim_verdict(out, "c", "no_worse", "a") == "holds"
+  assert harness.claim_verdict(out, "c", "lower", "a") == "cannot tell"
+  with pytest.raises(ValueError, match="holds grid 'g', not 'other'"):
+    harness.run_grid(harness.Grid(name="other", arms=["a"], baseline="a", datasets=["d"]),
+                     _fake_run([]), path, log=io.StringIO())
+
+
+def test_reading_is_kept_and_marked_stale_when_its_data_change(tmp_path):
+  path = str(tmp_path / "report.md")
+  first = harness.digest({"runs": [1]})
+  assert not harness.write_report(path, ["# Report", "| a | 1 |"], first)
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(f"\n## Reading\n\n{harness.DIGEST_MARK.format(digest=first)}\nA is 1.\n")
+  assert not harness.write_report(path, ["# Report", "| a | 1 |"], first)
+  text = open(path, encoding="utf-8").read()
+  assert "A is 1." in text and "Stale" not in text
+  second = harness.digest({"runs": [2]})
+  assert harness.write_report(path, ["# Report", "| a | 2 |"], second)
+  text = open(path, encoding="utf-8").read()
+  assert "| a | 2 |" in text and "A is 1." in text
+  assert f"(digest {first}, now {second})" in text
+  # Written again on the same new data: still stale, marked once.
+  assert harness.write_report(path, ["# Report", "| a | 2 |"], second)
+  assert open(path, encoding="utf-8").read().count("**Stale") == 1
