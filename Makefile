@@ -24,7 +24,7 @@ PYTHON_LATEST ?= $(shell \
 LATEST_TESTS := tests/test_engines.py tests/test_layer.py tests/test_gmm.py \
   tests/test_pallas_kernels.py tests/test_lowering.py tests/test_expert_parallel.py \
   tests/test_expert_parallel_layer.py tests/test_multiprocess.py tests/test_device_check.py \
-  tests/test_package_boundaries.py tests/test_router_interface.py \
+  tests/test_package_boundaries.py tests/test_router_interface.py tests/test_drop_in.py \
   tests/test_train.py::test_loss_decreases_and_run_leaves_its_outputs
 
 .PHONY: run demo test test-latest install install-latest bench clean
