@@ -1,28 +1,29 @@
 """Every router on the tiny LM at equal active compute, each paper's claim checked.
 
   PYTHONPATH=. TFDS_DATA_DIR=/tmp/tfds python experiments/router_zoo.py [--steps 600] \\
-      [--seeds 0] [--dataset stdlib_text] [--routers all] [--workdir DIR] [--out PREFIX]
+      [--datasets stdlib_text,synthetic_domains] [--seeds 3] [--baseline_seeds 5] \\
+      [--routers all] [--workdir DIR] [--out PREFIX]
 
 Trains configs/router_zoo.py:<router> (lm_tiny, E = 8, 2 expert rows per token or
-2 on average; see that file) once per router and seed, with the same data order,
-steps and schedule, evaluates on the whole validation split, and records per run:
+2 on average; see that file) per router, dataset and seed on the harness
+(experiments/harness.py): the same data order, steps and schedule, every
+finished run saved to <out>.json at once, a rerun resuming the grid. Per run:
 
-  loss, bits/byte   validation, after the last step
+  loss, bits/byte   validation (the whole split), after the last step
   tokens/s          training, median over logging windows (shared machine)
   MaxVio            training (last quarter of the logged steps) and validation, mean
                     over layers (soft: of its summary plan, see the report)
   dropped share     training, same average
-  experts/token     expert rows per token, training and validation
-  router metrics    the router's own per-layer scalars (unrouted_share, capped_share,
-                    null_share, flops_ratio, token_sparsity, ...), training and validation
+  experts/token     expert rows per token: at initialisation (the first logged
+                    window), trained (last quarter) and validation
+  router metrics    the router's own per-layer scalars, training and validation
+  evals             every evaluation record
 
 and decides, against the topk baseline, whether each paper's direction holds
-here (rules in the report; "no worse" means within TOLERANCE nats). Each run keeps
-its workdir and a result.json; a rerun skips finished runs. Writes <out>.json,
-<out>.md (a "## Reading" section already at its end is kept) and <out>.png
-(validation loss against experts per token). Prints one JSON line per run.
-About 3 to 4 minutes per run on a 2-core CPU at 600 steps (random twice that:
-THOR's two forward passes); 10 routers about 40 minutes.
+here, from paired t intervals over seeds (rules in the report). Writes <out>.json,
+<out>.md (a "## Reading" section at its end is kept, and marked stale when the
+data under it change) and <out>.png. About 3 to 4 minutes per run on a 2-core CPU
+at 600 steps (random twice that: THOR's two forward passes).
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ import json
 import os
 import platform
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -39,12 +39,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from report_file import write_keeping_reading  # noqa: E402  (experiments/)
+import harness  # noqa: E402  (experiments/)
 
 FULL_VALIDATION = 100_000   # more batches than the split has: evaluate all of it
-# "No worse" tolerance, nats: the seed-to-seed spread of switch_microbatch (the topk
-# baseline's balancing) on stdlib_text in experiments/results/balance.md.
-TOLERANCE = 0.03
 SPARSITY_SLACK = 0.005       # relu: "reaches 0.75" allows the controller's wobble
 # Routers whose deterministic (evaluation) routing is plain top-K, hence causal.
 EVAL_CAUSAL = ("sinkhorn", "selective_sinkhorn")
@@ -59,17 +56,17 @@ CLAIMS = (
     "expert_choice (Zhou et al. 2022), soft (Puigcerver et al. 2023): lower loss than top-k; "
     "both see future tokens here, so a lower loss is no evidence for the claim.",
     "hash (Roller et al. 2021): loss no worse than the learned top-k's.",
-    "random (THOR 2021): the learned top-k does not beat random routing (holds if random's "
-    "loss is no worse than topk's).")
+    "random (THOR 2021): the learned top-k does not beat random routing (random's loss no "
+    "worse than topk's).")
 STANDARD = {"dropped", "dropped_share", "experts_per_token", "load", "load_cv",
             "max_violation", "router_entropy", "router_marginal_entropy", "selected",
             "step_max_violation", "domain_expert_mi"}
 
 
-def run_config(router: str, args, seed: int):
+def run_config(router: str, args, seed: int, dataset: str):
   from moejax.train import setup  # pylint: disable=g-import-not-at-top
   config = setup.config_from_file(os.path.join(REPO, "configs", f"router_zoo.py:{router}"))
-  config.data.name, config.data.data_dir, config.seed = args.dataset, args.data_dir, seed
+  config.data.name, config.data.data_dir, config.seed = dataset, args.data_dir, seed
   t = config.train
   t.steps = t.eval_every = t.checkpoint_every = args.steps
   t.log_every, t.eval_batches = min(20, args.steps), FULL_VALIDATION
@@ -121,179 +118,189 @@ def summarise_run(workdir: str) -> dict[str, Any]:
       "max_violation_eval": layer_mean(evaluation, "max_violation"),
       "dropped_share_train": train_mean("dropped_share"),
       "experts_per_token_train": train_mean("experts_per_token"),
+      "experts_per_token_init": layer_mean(train[0], "experts_per_token"),
+      "evals": [{k: v for k, v in r.items() if not k.startswith("layers/")}
+                for r in records if r["split"] == "eval"],
       "experts_per_token_eval": layer_mean(evaluation, "experts_per_token"),
       "router_metrics": router_metrics,
   }
 
 
-def run(router: str, seed: int, args) -> dict[str, Any]:
-  """Trains one run unless its workdir holds a finished one; its figures."""
+def run(router: str, dataset: str, seed: int, args) -> dict[str, Any]:
+  """Trains one run (resuming its workdir) and returns its figures for the harness."""
   from moejax.train import train  # pylint: disable=g-import-not-at-top
-  workdir = os.path.join(args.workdir, args.dataset, router, f"seed{seed}")
-  done = os.path.join(workdir, "result.json")
-  config, previous = run_config(router, args, seed), {}
-  if os.path.exists(done):
-    with open(done, encoding="utf-8") as f:
-      previous = json.load(f)
-  if previous.get("steps") != args.steps:
-    start = time.time()
-    train(config, workdir, progress=False)
-    previous = {"wall_s": time.time() - start}
-  result = {"dataset": args.dataset, "router": router, "seed": seed, "steps": args.steps,
-            "causality": causality(config), **summarise_run(workdir),
-            "eval": "validation split", "wall_s": previous["wall_s"]}
-  with open(done, "w", encoding="utf-8") as f:
-    json.dump(result, f)
-  return result
+  workdir = os.path.join(args.workdir, dataset, router, f"seed{seed}")
+  config = run_config(router, args, seed, dataset)
+  train(config, workdir, progress=False)
+  final = summarise_run(workdir)
+  evals = final.pop("evals")
+  return {"steps": args.steps, "causality": causality(config), "final": final,
+          "evals": evals}
 
 
 # ----------------------------------------------------------------------------
-# Report.
+# Claims, from intervals (experiments/harness.py).
+
+# Per router: (figure, claim) against topk, or (figure, "target", value): the
+# figure's own interval against a target (relu: at least the target sparsity
+# within the controller's slack; null_experts: a FLOPs ratio below 1).
+CLAIM_TESTS = {
+    "top_p": [("experts_per_token_eval", "lower"), ("loss", "no_worse")],
+    "null_experts": [("router_metrics/flops_ratio/eval", "below", 1.0), ("loss", "no_worse")],
+    "relu": [("router_metrics/token_sparsity/train", "at_least", 0.75),
+             ("router_metrics/token_sparsity/eval", "at_least", 0.75), ("loss", "no_worse")],
+    "sinkhorn": [("max_violation_train", "lower"), ("loss", "no_worse")],
+    "selective_sinkhorn": [("max_violation_train", "lower"), ("loss", "no_worse"),
+                           ("loss", "lower")],
+    "expert_choice": [("loss", "lower")],
+    "soft": [("loss", "lower")],
+    "hash": [("loss", "no_worse")],
+    "random": [("loss", "no_worse")],
+}
+NOT_COMPARABLE = ("expert_choice", "soft")
 
 
-
-def mean(results, router, key, sub=None):
-  """Mean over seeds of result[key] (or result['router_metrics'][key][sub])."""
-  rows = [r for r in results if r["router"] == router]
-  values = [r["router_metrics"].get(key, {}).get(sub) if sub else r.get(key) for r in rows]
-  values = [v for v in values if v is not None]
-  return float(np.mean(values)) if values else None
-
-
-def verdict(results, router) -> str:
-  """Whether the paper's direction holds here, by the rules written in the report."""
-  m = lambda *a: mean(results, *a)
-  base, loss = m("topk", "loss"), m(router, "loss")
-  if router == "topk":
-    return "baseline"
-  if base is None or loss is None:
-    return "no topk baseline"
-  delta = loss - base
-  ok = delta <= TOLERANCE
-  vs = f"loss {delta:+.3f} vs topk"
-  yes = lambda b: "**yes**" if b else "**no**"
-  if router == "top_p":
-    fewer = m(router, "experts_per_token_eval") < m("topk", "experts_per_token_eval")
-    return (f"{yes(fewer and ok)}: {m(router, 'experts_per_token_eval'):.2f} experts/token "
-            f"(eval; train {m(router, 'experts_per_token_train'):.2f}), {vs}")
-  if router == "null_experts":
-    ratio = m(router, "flops_ratio", "eval")
-    return f"{yes(ratio < 1 and ok)}: FLOPs ratio {ratio:.2f} (eval), {vs}"
-  if router == "relu":
-    train_s, eval_s = m(router, "token_sparsity", "train"), m(router, "token_sparsity", "eval")
-    reached = min(train_s, eval_s) >= 0.75 - SPARSITY_SLACK
-    return (f"{yes(reached and ok)}: token sparsity {train_s:.3f} train, {eval_s:.3f} eval "
-            f"(target 0.75), {vs}")
-  if router in ("sinkhorn", "selective_sinkhorn"):
-    mv, mv_base = m(router, "max_violation_train"), m("topk", "max_violation_train")
-    text = (f"{yes(mv < mv_base and ok)}: MaxVio {mv:.2f} vs {mv_base:.2f} (train, no "
-            f"balance loss), {vs}")
-    if router == "selective_sinkhorn":
-      text += f"; better loss (SSR): {'yes' if delta < -TOLERANCE else 'no'}"
-    return text
-  if router in ("expert_choice", "soft"):
-    return (f"{yes(delta < -TOLERANCE)}: {vs} (lower by more than {TOLERANCE}?); **not "
-            "comparable**: non-causal, sees future tokens (optimistic)")
-  if router == "hash":
-    return f"{yes(ok)}: {vs} (no worse than the learned top-k?)"
-  if router == "random":
-    return (f"{yes(ok)} (learned top-k {'does not beat' if ok else 'beats'} random "
-            f"beyond tolerance): {vs}")
-  return f"(no claim recorded): {vs}"
+def _target_verdict(values: list[float], kind: str, target: float) -> tuple[str, dict]:
+  """The verdict of a figure against a fixed target, from the t interval of its
+  mean: `below` holds when the interval lies below the target (does not when it
+  lies above); `at_least` holds when it lies above target - SPARSITY_SLACK (does
+  not when it lies below the target)."""
+  interval = harness.paired_interval(values)
+  low, high = interval["low"], interval["high"]
+  if low is None:
+    return "cannot tell", interval
+  if kind == "below":
+    return ("holds" if high < target else "does not hold" if low > target
+            else "cannot tell"), interval
+  return ("holds" if low > target - SPARSITY_SLACK else "does not hold" if high < target
+          else "cannot tell"), interval
 
 
-def _f(value, digits=3):
-  return "–" if value is None else f"{value:,.{digits}f}"
+def label(name: str) -> str:
+  """'router_metrics/token_sparsity/eval' -> 'token_sparsity (eval)'."""
+  parts = name.split("/")
+  return f"{parts[1]} ({parts[2]})" if parts[0] == "router_metrics" else name
 
 
-def write_report(path: str, results, args, names) -> None:
+def claims(data, dataset: str, router: str) -> list[dict[str, Any]]:
+  """Each claim test of `router` on `dataset`: figure, claim, interval, verdict."""
+  out = []
+  for test in CLAIM_TESTS.get(router, []):
+    name, kind = test[0], test[1]
+    comparison = harness.compare(data, name, dataset, arms=[router, data["baseline"]])
+    if len(test) == 3:
+      values = list(comparison[router]["values"].values())
+      result, interval = _target_verdict(values, kind, test[2])
+      claim = f"{kind} {test[2]}"
+    else:
+      interval = comparison[router]["paired"]
+      result = harness.claim_verdict(comparison, router, kind, data["baseline"])
+      claim = f"{kind} than {data['baseline']}"
+    out.append({"figure": name, "claim": claim, "interval": interval, "verdict": result})
+  return out
+
+
+def overall(tests: list[dict[str, Any]]) -> str:
+  verdicts = [t["verdict"] for t in tests]
+  if not verdicts:
+    return "–"
+  if "does not hold" in verdicts:
+    return "does not hold"
+  return "holds" if all(v == "holds" for v in verdicts) else "cannot tell"
+
+
+def machine() -> str:
   import jax  # pylint: disable=g-import-not-at-top
-  seeds = ",".join(map(str, args.seeds))
+  return (f"jax {jax.__version__}, {jax.default_backend()} backend, {os.cpu_count()} cores, "
+          f"shared; {platform.platform()}")
+
+
+def write_report(path: str, data, args) -> None:
+  f, fi = harness.fmt, harness.fmt_interval
+  meta = data.get("meta", {})
   lines = [
       "# Routers on the tiny LM at equal active compute", "",
       "`experiments/router_zoo.py` trains `configs/router_zoo.py:<router>` (lm_tiny: 2 MoE "
       "blocks, D = 128, E = 8 SwiGLU experts of width 256; 16 rows of 128 bytes per step) "
-      "once per router and seed, with the same data order, steps and schedule; each router "
-      "is set to 2 expert rows per token, or 2 on average (see configs/router_zoo.py).", "",
-      "```", f"PYTHONPATH=. TFDS_DATA_DIR={args.data_dir} python experiments/router_zoo.py "
-      f"--steps {args.steps} --seeds {seeds} --dataset {args.dataset}", "```", "",
-      f"Machine: jax {jax.__version__}, {jax.default_backend()} backend, {os.cpu_count()} "
-      f"cores, shared; {platform.platform()}. Cells: mean over seeds {seeds}.", "",
-      "Columns: validation loss (nats per byte) and bits per byte on the whole validation "
-      "split; training tokens/s (median over logging windows, indicative only; `random` "
-      "runs two forward passes per step); MaxVio in training (last quarter of the logged "
-      "steps) and validation, mean over layers; dropped share (training); expert rows per "
-      "token (training / validation); router metrics as `name train / eval`, mean over "
-      "layers (`capped` is a count of cut gates per call, not a share). `soft`'s MaxVio is "
-      "that of its summary plan (each token's largest combine expert); its compute (S slots "
-      "per expert) is balanced by construction.", "",
-      "**Non-causal routers.** `expert_choice` and `soft` route each token using the other "
-      "tokens of the batch or sequence, later ones included, in training and evaluation: "
-      "in this causal LM they see the future, so their loss is optimistic and not "
-      "comparable with the others'. `sinkhorn` and `selective_sinkhorn` do so only in "
-      "training (evaluation is plain top-2), so their validation loss is comparable. "
-      "In the plot: circles causal, triangles non-causal in training only, crosses "
-      "non-causal.", "",
-      "| router | causality | val loss | bits/byte | tokens/s | MaxVio train | MaxVio eval "
-      "| dropped | experts/token train / eval | router metrics (train / eval) "
-      "| paper's direction holds here? |",
-      "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for router in names:
-    rows = [r for r in results if r["router"] == router]
-    if not rows:
+      "per router, dataset and seed, with the same data order, steps and schedule; each "
+      "router is set to 2 expert rows per token, or 2 on average (see configs/"
+      "router_zoo.py). Every figure below is computed from `router_zoo.json` by "
+      "`experiments/harness.py`.", "",
+      "```", f"PYTHONPATH=. TFDS_DATA_DIR=... python experiments/router_zoo.py --steps "
+      f"{meta.get('steps', args.steps)}", "```", "",
+      f"Machine: {meta.get('machine', 'not recorded')}.", "",
+      "Statistics: mean, standard deviation and min-max over seeds; Δ is the paired "
+      "difference router − topk over the seeds both ran, with its 95% t interval. "
+      "Verdicts come from those intervals (experiments/harness.py): `lower` holds when the "
+      "interval lies below 0; `no_worse` holds when it lies below topk's own seed standard "
+      "deviation and does not hold when it lies above 0; targets (relu's sparsity at "
+      f"least 0.75 less {SPARSITY_SLACK}, null_experts' FLOPs ratio below 1) use the t "
+      "interval of the figure's own mean; fewer than 2 seeds: "
+      "cannot tell. Tokens/s is the median over logging windows of each run, shown as the "
+      "range over seeds (a shared machine: indicative only). Experts per token at "
+      "initialisation is that of the first logged training window.", ""]
+  for dataset in data["datasets"]:
+    loss = harness.compare(data, "loss", dataset)
+    if not any(v["spread"]["n"] for v in loss.values()):
       continue
-    m = lambda key, sub=None: mean(results, router, key, sub)
-    keys = sorted({k for r in rows for k in r["router_metrics"]})
-    extra = "; ".join(f"{k} {_f(m(k, 'train'))} / {_f(m(k, 'eval'))}" for k in keys) or "–"
-    try:
-      claim = verdict(results, router)
-    except TypeError:   # a metric its rule needs is missing (None)
-      claim = "metric missing"
-    lines.append(
-        f"| {router} | {rows[0]['causality']} | {_f(m('loss'), 4)} | "
-        f"{_f(m('bits_per_byte'), 4)} | {_f(m('tokens_per_s'), 0)} | "
-        f"{_f(m('max_violation_train'))} | {_f(m('max_violation_eval'))} | "
-        f"{_f(m('dropped_share_train'))} | {_f(m('experts_per_token_train'), 2)} / "
-        f"{_f(m('experts_per_token_eval'), 2)} | {extra} | "
-        f"{claim} |")
-  lines += [
-      "", "## Claims and rules", "",
-      f"\"No worse\" means validation loss at most topk's + {TOLERANCE} nats, the "
-      "seed-to-seed spread of the top-2 switch-loss baseline on stdlib_text measured in "
-      "experiments/results/balance.md (2.0300 vs 1.9999); \"lower\" means below topk's "
-      f"by more than {TOLERANCE}. One seed per router unless stated above.", "",
-      *[f"- {claim}" for claim in CLAIMS], ""]
-  write_keeping_reading(path, lines)
+    lines += [f"## {dataset}", "",
+              "| router | causality | seeds | val loss mean ± sd [min, max] | Δ loss vs topk "
+              "[95% CI] | experts/token init → trained (eval) | MaxVio train | tokens/s "
+              "[min, max] | claim | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for router in data["arms"]:
+      runs = [r for r in data["runs"] if r["arm"] == router and r["dataset"] == dataset]
+      if not runs:
+        continue
+      s = loss[router]["spread"]
+      m = lambda name: harness.spread(
+          [v for v in (harness.figure(r, name) for r in runs) if v is not None])
+      tps = m("tokens_per_s")
+      tests = claims(data, dataset, router)
+      claim_text = "; ".join(f"{label(t['figure'])} {t['claim']}: {t['verdict']} "
+                             f"({'' if ' than ' in t['claim'] else 'mean '}"
+                             f"{fi(t['interval'])})" for t in tests) or "baseline"
+      verdict_text = overall(tests) + (" (not comparable: sees future tokens)"
+                                       if router in NOT_COMPARABLE else "")
+      lines.append(
+          f"| {router} | {runs[0]['causality']} | {s['n']} | {f(s['mean'], 4)} ± "
+          f"{f(s['std'], 4)} [{f(s['min'], 4)}, {f(s['max'], 4)}] | "
+          f"{fi(loss[router]['paired'])} | {f(m('experts_per_token_init')['mean'], 2)} → "
+          f"{f(m('experts_per_token_train')['mean'], 2)} ({f(m('experts_per_token_eval')['mean'], 2)}) | "
+          f"{f(m('max_violation_train')['mean'])} | [{f(tps['min'], 0)}, {f(tps['max'], 0)}] | "
+          f"{claim_text} | {verdict_text if tests else 'baseline'} |")
+    lines.append("")
+  lines += ["## Claims", "", *[f"- {claim}" for claim in CLAIMS], "",
+            "What this scale cannot test: 600 steps of a 2-block, 8-expert byte-level LM on "
+            "CPU. Claims about large models, long training or throughput on accelerators "
+            "are out of its reach; a verdict here is about this setting only.", ""]
+  harness.write_report(path, lines, harness.digest(data["runs"]))
 
 
-def write_plot(path: str, results, names) -> None:
+def write_plot(path: str, data) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   style = {"causal": ("o", "tab:blue"), "training only": ("^", "tab:orange"),
            "non-causal": ("X", "tab:red")}
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  base = mean(results, "topk", "loss")
-  if base is not None:
-    ax.axhspan(base - TOLERANCE, base + TOLERANCE, color="0.9", label=f"topk ± {TOLERANCE}")
-  labelled = []
-  for kind, (marker, color) in style.items():
-    points = [(mean(results, n, "experts_per_token_eval"), mean(results, n, "loss"), n)
-              for n in names if any(r["router"] == n and r["causality"] == kind
-                                    for r in results)]
-    points = [p for p in points if None not in p[:2]]
-    if points:
-      ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, c=color,
-                 s=60, label=kind, zorder=3)
-    labelled += points
-  for i, (x, y, name) in enumerate(sorted(labelled, key=lambda p: (round(p[0], 1), p[1]))):
-    left = i % 2 and any(abs(x - p[0]) < 0.05 for p in labelled if p[2] != name)
-    ax.annotate(name, (x, y), textcoords="offset points", xytext=(-7 if left else 7, -3),
-                ha="right" if left else "left", fontsize=8)
-  ax.set_xlabel("expert rows per token (validation, mean over layers)")
-  ax.set_ylabel("validation loss (nats per byte)")
-  ax.set_title("Routers at equal active compute (lm_tiny, E = 8, top-2 baseline)")
-  ax.legend(fontsize=8)
+  datasets = [d for d in data["datasets"] if any(r["dataset"] == d for r in data["runs"])]
+  fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6.5 * max(len(datasets), 1), 4.5),
+                           squeeze=False)
+  for ax, dataset in zip(axes[0], datasets):
+    loss = harness.compare(data, "loss", dataset)
+    epm = harness.compare(data, "experts_per_token_eval", dataset)
+    for router in data["arms"]:
+      runs = [r for r in data["runs"] if r["arm"] == router and r["dataset"] == dataset]
+      if not runs or loss[router]["spread"]["mean"] is None:
+        continue
+      marker, color = style[runs[0]["causality"]]
+      x, s = epm[router]["spread"]["mean"], loss[router]["spread"]
+      ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]],
+                  fmt=marker, color=color, capsize=3)
+      ax.annotate(router, (x, s["mean"]), textcoords="offset points", xytext=(6, -3),
+                  fontsize=8)
+    ax.set_xlabel("expert rows per token (validation, mean over layers)")
+    ax.set_ylabel("validation loss (nats per byte), mean and min-max over seeds")
+    ax.set_title(dataset)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -303,32 +310,39 @@ def main() -> None:
   from moejax import routers  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--seeds", default="0")
-  parser.add_argument("--dataset", default="stdlib_text")
+  parser.add_argument("--seeds", type=int, default=3, help="seeds per router")
+  parser.add_argument("--baseline_seeds", type=int, default=5, help="seeds of topk")
+  parser.add_argument("--datasets", default="stdlib_text,synthetic_domains")
   parser.add_argument("--routers", default="all")
   parser.add_argument("--workdir", default=os.path.join(REPO, "workdir", "router_zoo"))
   parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR",
                                                            "~/tensorflow_datasets"))
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
                                                     "router_zoo"))
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite the report and plot from <out>.json, no training")
   args = parser.parse_args()
-  args.seeds = [int(s) for s in args.seeds.split(",")]
   names = routers.names() if args.routers == "all" else args.routers.split(",")
   unknown = sorted(set(names) - set(routers.names()))
   if unknown:
     parser.error(f"unknown routers {unknown}; routers: {routers.names()}")
+  if "topk" not in names:
+    parser.error("--routers must include topk, the baseline")
+  if args.seeds < 1 or args.baseline_seeds < 1:
+    parser.error("--seeds and --baseline_seeds must be at least 1")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
-  results = []
-  for seed in args.seeds:
-    for router in names:
-      print(f"[router_zoo] {args.dataset} {router} seed {seed}", file=sys.stderr, flush=True)
-      results.append(run(router, seed, args))
-      print(json.dumps(results[-1]), flush=True)
-  with open(args.out + ".json", "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
-  write_report(args.out + ".md", results, args, names)
-  write_plot(args.out + ".png", results, names)
+  if args.report_only:
+    data = harness.load(args.out + ".json")
+  else:
+    grid = harness.Grid(name="router_zoo", arms=names, baseline="topk",
+                        datasets=args.datasets.split(","),
+                        seeds={"topk": args.baseline_seeds, "*": args.seeds})
+    data = harness.run_grid(grid, lambda arm, dataset, seed: run(arm, dataset, seed, args),
+                            args.out + ".json", meta={"steps": args.steps,
+                                                      "machine": machine()})
+  write_report(args.out + ".md", data, args)
+  write_plot(args.out + ".png", data)
   print(f"[router_zoo] wrote {args.out}.md, .json, .png", file=sys.stderr)
 
 
