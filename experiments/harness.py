@@ -125,8 +125,10 @@ def save(path: str, data: Mapping[str, Any]) -> None:
 
 
 def run_grid(grid: Grid, run_one: Callable[[str, str, int], Mapping[str, Any]], path: str,
-             meta: Optional[Mapping[str, Any]] = None, log=sys.stderr) -> dict[str, Any]:
-  """Runs every cell of `grid` that the JSON at `path` lacks, saving after each.
+             meta: Optional[Mapping[str, Any]] = None, log=sys.stderr,
+             after_each: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+  """Runs every cell of `grid` that the JSON at `path` lacks, saving after each
+  (and calling after_each(data), e.g. to rewrite the report).
 
   Each run's record is {"arm", "dataset", "seed", "wall_s", **run_one(...)}.
   """
@@ -147,6 +149,8 @@ def run_grid(grid: Grid, run_one: Callable[[str, str, int], Mapping[str, Any]], 
     record.update(arm=arm, dataset=dataset, seed=seed, wall_s=round(time.time() - start, 1))
     data["runs"].append(record)
     save(path, data)
+    if after_each is not None:
+      after_each(data)
     print(f"{grid.name} [{i}/{len(todo)}] {arm} {dataset} seed {seed}: "
           f"{json.dumps(record.get('final', {}), sort_keys=True)[:200]} "
           f"({record['wall_s']:.0f} s)", file=log, flush=True)

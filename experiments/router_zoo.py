@@ -340,7 +340,8 @@ def main() -> None:
                         seeds={"topk": args.baseline_seeds, "*": args.seeds})
     data = harness.run_grid(grid, lambda arm, dataset, seed: run(arm, dataset, seed, args),
                             args.out + ".json", meta={"steps": args.steps,
-                                                      "machine": machine()})
+                                                      "machine": machine()},
+                            after_each=lambda data: write_report(args.out + ".md", data, args))
   write_report(args.out + ".md", data, args)
   write_plot(args.out + ".png", data)
   print(f"[router_zoo] wrote {args.out}.md, .json, .png", file=sys.stderr)
