@@ -341,10 +341,15 @@ def main() -> None:
     data = harness.run_grid(grid, lambda arm, dataset, seed: run(arm, dataset, seed, args),
                             args.out + ".json", meta={"steps": args.steps,
                                                       "machine": machine()},
-                            after_each=lambda data: write_report(args.out + ".md", data, args))
-  write_report(args.out + ".md", data, args)
-  write_plot(args.out + ".png", data)
+                            after_each=lambda data: write_outputs(args.out, data, args))
+  write_outputs(args.out, data, args)
   print(f"[router_zoo] wrote {args.out}.md, .json, .png", file=sys.stderr)
+
+
+def write_outputs(out: str, data, args) -> None:
+  """<out>.md and <out>.png from the grid's data."""
+  write_report(out + ".md", data, args)
+  write_plot(out + ".png", data)
 
 
 if __name__ == "__main__":
