@@ -45,7 +45,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-READING = "## Reading"
+from report_file import READING, existing_reading  # (experiments/)
+
 STALE = ("**Stale: the data under this reading changed since it was written "
          "(digest {old}, now {new}); reread the tables and update the digest.**")
 DIGEST_MARK = "<!-- reading of data {digest} -->"
@@ -271,12 +272,7 @@ def write_report(path: str, lines: list[str], data_digest: str) -> bool:
   """Writes the generated `lines` to `path`, keeping a "## Reading" section at its
   end; returns whether that reading is stale (written on other data), in which
   case its first line says so."""
-  reading = ""
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = f.read()
-    if READING in old:
-      reading = old[old.index(READING):]
+  reading = existing_reading(path)
   stale = False
   if reading:
     body = reading[len(READING):].lstrip("\n").splitlines()

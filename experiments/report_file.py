@@ -6,14 +6,18 @@ import os
 READING = "## Reading"
 
 
+def existing_reading(path: str) -> str:
+  """The "## Reading" section at the end of the file at `path`, or ""."""
+  if not os.path.exists(path):
+    return ""
+  with open(path, encoding="utf-8") as f:
+    old = f.read()
+  return old[old.index(READING):] if READING in old else ""
+
+
 def write_keeping_reading(path: str, lines: list[str]) -> None:
   """Writes `lines` to `path`; a "## Reading" section already at the end of the
   file (the numbers read by hand) is kept after them."""
-  reading = ""
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = f.read()
-    if READING in old:
-      reading = old[old.index(READING):]
+  reading = existing_reading(path)
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + ("\n" + reading if reading else ""))
