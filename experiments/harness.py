@@ -208,28 +208,54 @@ def figure(run: Mapping[str, Any], name: str) -> Optional[float]:
   return None if value is None else float(value)
 
 
+def values_by_seed(data: Mapping[str, Any], name: str, dataset: str, arm: str
+                   ) -> dict[int, float]:
+  """{seed: figure `name`} of `arm`'s runs on `dataset`."""
+  out = {}
+  for run in data["runs"]:
+    value = figure(run, name)
+    if run["arm"] == arm and run["dataset"] == dataset and value is not None:
+      out[int(run["seed"])] = value
+  return out
+
+
+def paired(data: Mapping[str, Any], name: str, dataset: str, arm: str,
+           reference: str) -> dict[str, Any]:
+  """The t interval of arm - reference over the seeds both ran (key "seeds")."""
+  values = values_by_seed(data, name, dataset, arm)
+  base = values_by_seed(data, name, dataset, reference)
+  seeds = sorted(set(values) & set(base))
+  out = paired_interval([values[s] - base[s] for s in seeds])
+  out["seeds"] = seeds
+  return out
+
+
 def compare(data: Mapping[str, Any], name: str, dataset: str,
             arms: Optional[Iterable[str]] = None) -> dict[str, dict[str, Any]]:
   """{arm: {"spread": ..., "paired": ... (None for the baseline), "values": {seed: v}}}
   of figure `name` on `dataset`."""
   baseline = data["baseline"]
-  by_arm: dict[str, dict[int, float]] = {}
-  for run in data["runs"]:
-    value = figure(run, name)
-    if run["dataset"] == dataset and value is not None:
-      by_arm.setdefault(run["arm"], {})[int(run["seed"])] = value
-  base = by_arm.get(baseline, {})
   out = {}
-  for arm in (arms or data.get("arms") or sorted(by_arm)):
-    values = by_arm.get(arm, {})
-    paired = None
-    if arm != baseline:
-      seeds = sorted(set(values) & set(base))
-      paired = paired_interval([values[s] - base[s] for s in seeds])
-      paired["seeds"] = seeds
-    out[arm] = {"spread": spread(list(values.values())), "paired": paired,
+  for arm in (arms or data.get("arms") or []):
+    values = values_by_seed(data, name, dataset, arm)
+    out[arm] = {"spread": spread(list(values.values())),
+                "paired": None if arm == baseline else paired(data, name, dataset, arm,
+                                                              baseline),
                 "values": {str(s): v for s, v in sorted(values.items())}}
   return out
+
+
+def claim(data: Mapping[str, Any], name: str, dataset: str, arm: str, reference: str,
+          kind: str) -> dict[str, Any]:
+  """{"interval", "verdict"} of claim `kind` for figure `name` of `arm` against any
+  `reference` arm; a no_worse margin is the reference's own seed standard deviation."""
+  interval = paired(data, name, dataset, arm, reference)
+  margin = None
+  if kind == "no_worse":
+    margin = spread(list(values_by_seed(data, name, dataset, reference).values()))["std"]
+    if margin is None:
+      return {"interval": interval, "verdict": "cannot tell"}
+  return {"interval": interval, "verdict": verdict(interval, kind, margin)}
 
 
 def claim_verdict(comparison: Mapping[str, Any], arm: str, claim: str,

@@ -127,3 +127,14 @@ def test_reading_is_kept_and_marked_stale_when_its_data_change(tmp_path):
   # Written again on the same new data: still stale, marked once.
   assert harness.write_report(path, ["# Report", "| a | 2 |"], second)
   assert open(path, encoding="utf-8").read().count("**Stale") == 1
+
+
+def test_claims_between_any_two_arms(tmp_path):
+  data = harness.run_grid(
+      harness.Grid(name="g", arms=["a", "b", "c"], baseline="a", datasets=["d"], seeds=3),
+      _fake_run([]), str(tmp_path / "g.json"), log=io.StringIO())
+  # b - c = -0.1 on every seed: b lower than c holds; c lower than b does not.
+  assert harness.claim(data, "loss", "d", "b", "c", "lower")["verdict"] == "holds"
+  assert harness.claim(data, "loss", "d", "c", "b", "lower")["verdict"] == "does not hold"
+  out = harness.claim(data, "loss", "d", "c", "b", "no_worse")
+  assert out["verdict"] == "does not hold" and out["interval"]["seeds"] == [0, 1, 2]
