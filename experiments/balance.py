@@ -1,10 +1,12 @@
 """Load-balancing methods compared on the tiny LM: loss, balance, specialisation.
 
-  PYTHONPATH=. python experiments/balance.py [--steps 600] [--seeds 0,1] \\
-      [--datasets synthetic_domains,stdlib_text] [--methods all] [--workdir DIR]
+  PYTHONPATH=. python experiments/balance.py [--steps 600] [--seeds 3] \\
+      [--baseline_seeds 5] [--datasets synthetic_domains,stdlib_text] [--methods all] \\
+      [--workdir DIR] [--report_only]
 
-Trains configs/balance.py:<method> once per dataset, method and seed, with the
-same data order, steps and schedule (each step 16 rows of 128 tokens as 4
+Trains configs/balance.py:<method> per dataset, method and seed on the harness
+(experiments/harness.py: resumable, every run saved to <out>.json at once), with
+the same data order, steps and schedule (each step 16 rows of 128 tokens as 4
 micro-batches), and records per run:
 
   loss, bits/byte      validation, after the last step
@@ -19,14 +21,15 @@ micro-batches), and records per run:
                        document's domain and the expert of each assignment, nats,
                        averaged over layers (synthetic_domains: 8 domains;
                        stdlib_text: the top-level stdlib module)
+  ERC diagonal         erc: the coupling matrix's diagonal share and ratio (validation)
+  evals                every evaluation record
 
-Each run keeps its workdir (metrics.jsonl, routing_report.md, checkpoint) and a
-result.json; a rerun skips finished runs (one evaluated on less than the whole
-validation split is evaluated again from its checkpoint). Writes <out>.json with every run and
-<out>.md with the mean over seeds, each seed's value and the verdicts on the
-two claims (global vs micro-batch specialisation; aux-free vs switch loss); a
-"## Reading" section already at the end of <out>.md is kept.
-Prints one JSON line per run. About 3.5 minutes per run on a 2-core CPU at 600 steps.
+<out>.md gives, per figure, the mean ± standard deviation over seeds and the
+paired difference against `none` with its 95% t interval, and decides the two
+claims (global vs micro-batch specialisation; aux-free vs switch loss) from paired
+intervals (experiments/harness.py); a "## Reading" section at its end is kept and
+marked stale when the data under it change. About 3.5 minutes per run on a 2-core
+CPU at 600 steps.
 """
 from __future__ import annotations
 
@@ -35,7 +38,6 @@ import json
 import os
 import platform
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -43,7 +45,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from report_file import write_keeping_reading  # noqa: E402  (experiments/)
+import harness  # noqa: E402  (experiments/)
 
 METHODS = ("none", "switch_microbatch", "switch_global", "switch_sequence", "aux_free",
            "aux_free_sequence", "erc")
@@ -51,6 +53,7 @@ DATASETS = ("synthetic_domains", "stdlib_text")
 # More batches than either validation split has: the evaluation reads the whole
 # split (stdlib_text's first 20 batches hold only 3 of its 202 domains).
 FULL_VALIDATION = 100_000
+ERC_METRICS = ("erc_diagonal_share", "erc_diagonal_ratio")
 
 
 def run_config(method: str, dataset: str, seed: int, steps: int, data_dir: str):
@@ -99,179 +102,152 @@ def summarise_run(workdir: str) -> dict[str, Any]:
       "domain_expert_mi_by_layer": dict(zip(layers, mi)),
       "router_entropy_eval": float(np.mean(per_layer("router_entropy"))),
       "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train[1:]] or [0.0])),
+      **{name: float(np.mean(per_layer(name))) for name in ERC_METRICS
+         if all(f"layers/{l}/{name}" in evaluation for l in layers)},
   }
 
 
 def run(method: str, dataset: str, seed: int, args) -> dict[str, Any]:
-  """Trains one run unless its workdir holds a finished one; its figures."""
+  """Trains one run (resuming its workdir) and returns its figures for the harness."""
   from moejax.train import train  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(args.workdir, dataset, method, f"seed{seed}")
-  done = os.path.join(workdir, "result.json")
-  previous = {}
-  if os.path.exists(done):
-    with open(done, encoding="utf-8") as f:
-      previous = json.load(f)
-  if previous.get("eval") != "validation split":
-    # Trains, or, for a run trained before, only evaluates the whole split again.
-    start = time.time()
-    train(run_config(method, dataset, seed, args.steps, args.data_dir), workdir,
-          progress=False)
-    previous.setdefault("wall_s", time.time() - start)
-  result = {"dataset": dataset, "method": method, "seed": seed, "steps": args.steps,
-            **summarise_run(workdir), "eval": "validation split",
-            "wall_s": previous["wall_s"]}
-  with open(done, "w", encoding="utf-8") as f:
-    json.dump(result, f)
-  return result
+  train(run_config(method, dataset, seed, args.steps, args.data_dir), workdir, progress=False)
+  evals = [{k: v for k, v in r.items() if not k.startswith("layers/")}
+           for r in _records(workdir) if r["split"] == "eval"]
+  return {"steps": args.steps, "final": summarise_run(workdir), "evals": evals}
 
 
 # ----------------------------------------------------------------------------
 # Report.
 
-
 COLUMNS = (("loss", "val loss", 4), ("bits_per_byte", "bits/byte", 4),
            ("max_violation_micro", "MaxVio micro", 3), ("max_violation_step", "MaxVio step", 3),
            ("max_violation_eval", "MaxVio eval", 3),
            ("max_violation_eval_all", "MaxVio eval all", 3),
-           ("domain_expert_mi", "MI(domain; expert)", 4),
-           ("tokens_per_s", "tokens/s", 0))
+           ("domain_expert_mi", "MI(domain; expert)", 4))
+# (figure, arm, reference, claim): the papers' directions, decided from intervals.
+CLAIM_TESTS = (
+    ("domain_expert_mi", "switch_global", "switch_microbatch", "higher",
+     "global-batch balancing gives more domain specialisation than micro-batch "
+     "(Demons in the Detail, 2025)"),
+    ("loss", "switch_global", "switch_microbatch", "lower",
+     "global-batch balancing gives a lower loss than micro-batch (same paper)"),
+    ("loss", "aux_free", "switch_microbatch", "no_worse",
+     "the aux-free bias matches the switch loss's loss (DeepSeek 2024)"),
+    ("max_violation_step", "aux_free", "switch_microbatch", "lower",
+     "the aux-free bias balances each step better than the switch loss"),
+    ("max_violation_eval_all", "aux_free", "switch_microbatch", "lower",
+     "the aux-free bias balances the whole validation set better than the switch loss"),
+)
 
 
-def _by(results, dataset, method, key):
-  return [r[key] for r in sorted(results, key=lambda r: r["seed"])
-          if r["dataset"] == dataset and r["method"] == method]
-
-
-def _cell(values, digits):
-  mean = float(np.mean(values))
-  if digits == 0:
-    return f"{mean:,.0f}"
-  seeds = " / ".join(f"{v:.{digits}f}" for v in values)
-  return f"{mean:.{digits}f} ({seeds})"
-
-
-def verdicts(results, datasets) -> list[str]:
-  """The two claims, decided from the numbers by the rules stated in the text."""
-  lines = []
-  for dataset in datasets:
-    glob_mi = _by(results, dataset, "switch_global", "domain_expert_mi")
-    micro_mi = _by(results, dataset, "switch_microbatch", "domain_expert_mi")
-    if glob_mi and len(glob_mi) == len(micro_mi):
-      wins = sum(g > m for g, m in zip(glob_mi, micro_mi))
-      more = wins == len(glob_mi)
-      lines.append(
-          f"- **{dataset}, global vs micro-batch balancing:** MI(domain; expert) "
-          f"{np.mean(glob_mi):.4f} (global) against {np.mean(micro_mi):.4f} (micro-batch); "
-          f"global higher in {wins} of {len(glob_mi)} seeds. "
-          + ("Global-batch balancing gave more domain specialisation here, as the Demons "
-             "paper claims." if more else
-             "Global-batch balancing did not give consistently more domain specialisation "
-             "here."))
-      glob_loss = _by(results, dataset, "switch_global", "loss")
-      micro_loss = _by(results, dataset, "switch_microbatch", "loss")
-      lines.append(f"  Validation loss: {np.mean(glob_loss):.4f} (global) against "
-                   f"{np.mean(micro_loss):.4f} (micro-batch), lower in "
-                   f"{sum(g < m for g, m in zip(glob_loss, micro_loss))} of {len(glob_loss)} "
-                   "seeds.")
-    free_loss = _by(results, dataset, "aux_free", "loss")
-    switch_loss = _by(results, dataset, "switch_microbatch", "loss")
-    if free_loss and len(free_loss) == len(switch_loss):
-      spread = max(np.ptp(free_loss), np.ptp(switch_loss), 0.005)
-      delta = float(np.mean(free_loss) - np.mean(switch_loss))
-      mv = lambda method, key: float(np.mean(_by(results, dataset, method, key)))
-      lower = {key: mv("aux_free", key) < mv("switch_microbatch", key)
-               for key in ("max_violation_step", "max_violation_eval_all")}
-      matched = delta <= spread
-      lines.append(
-          f"- **{dataset}, aux-free vs switch loss (micro-batch):** validation loss "
-          f"{np.mean(free_loss):.4f} against {np.mean(switch_loss):.4f} (difference "
-          f"{delta:+.4f}; seed spread {spread:.4f}). MaxVio per training step "
-          f"{mv('aux_free', 'max_violation_step'):.3f} against "
-          f"{mv('switch_microbatch', 'max_violation_step'):.3f}; over the whole validation "
-          f"set {mv('aux_free', 'max_violation_eval_all'):.3f} against "
-          f"{mv('switch_microbatch', 'max_violation_eval_all'):.3f}. Aux-free "
-          + ("matched" if matched else "did not match") + " the switch loss's validation loss, "
-          + ("at lower MaxVio on both measures." if all(lower.values()) else
-             "at lower MaxVio over the validation set but not per training step."
-             if lower["max_violation_eval_all"] else
-             "at lower MaxVio per training step but not over the validation set."
-             if lower["max_violation_step"] else "and not at lower MaxVio."))
-  return lines
-
-
-def write_report(path: str, results, args, datasets, methods) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
+def write_report(path: str, data, args) -> None:
+  f, fi = harness.fmt, harness.fmt_interval
+  meta = data.get("meta", {})
   lines = ["# Load-balancing methods on the tiny LM", "",
            "`experiments/balance.py` trains `configs/balance.py:<method>` (lm_tiny: 2 MoE "
            "blocks, D = 128, E = 8 SwiGLU experts of width 256, top-2; each step 16 rows of "
-           "128 bytes as 4 micro-batches of 4 rows) once per dataset, method and seed, with "
-           "the same data order, steps and schedule.", "",
-           "```", f"PYTHONPATH=. TFDS_DATA_DIR={args.data_dir} python experiments/balance.py "
-           f"--steps {args.steps} --seeds {','.join(map(str, args.seeds))} "
-           f"--datasets {','.join(datasets)} --workdir {args.workdir}", "```", "",
-           f"Machine: jax {jax.__version__}, {jax.default_backend()} backend, "
-           f"{os.cpu_count()} cores, shared; {platform.platform()}. Cells: mean over seeds "
-           "(each seed's value).", "",
-           "Columns: validation loss (nats per byte token) and bits per byte; MaxVio of each "
+           "128 bytes as 4 micro-batches of 4 rows) per dataset, method and seed, with the "
+           "same data order, steps and schedule. Every figure below is computed from "
+           "`balance.json` by `experiments/harness.py`.", "",
+           "```", f"PYTHONPATH=. TFDS_DATA_DIR=... python experiments/balance.py --steps "
+           f"{meta.get('steps', args.steps)}", "```", "",
+           f"Machine: {meta.get('machine', 'not recorded')}.", "",
+           "Cells: mean ± standard deviation over seeds (n), then Δ, the paired difference "
+           "against `none` over the seeds both ran, with its 95% t interval. Columns: "
+           "validation loss (nats per byte token) and bits per byte; MaxVio of each "
            "micro-batch's expert load (4 rows) and of the whole step's (16 rows), averaged "
            "over layers and the last quarter of training; MaxVio of each validation batch "
-           "(16 rows), averaged, and of the load summed over all validation batches; plug-in mutual information between the document's domain and the "
-           "chosen expert on the validation batches, nats, mean over the 2 layers; training "
-           "tokens/s, the median over logging windows, indicative only (a shared machine; "
+           "(16 rows), averaged, and of the load summed over all validation batches; "
+           "plug-in mutual information between the document's domain and the chosen expert "
+           "on the validation batches, nats, mean over the 2 layers. Tokens/s: the median "
+           "over logging windows of each run, as the range over seeds (a shared machine; "
            "`switch_global` runs one extra forward pass per step to count).", ""]
-  for dataset in datasets:
-    lines += [f"## {dataset}", ""]
-    if dataset == "synthetic_domains":
-      from moejax.data import builders  # pylint: disable=g-import-not-at-top
-      rates = builders.load(dataset, args.data_dir).info.metadata["entropy_rate_nats"]
-      lines += [f"Loss floor: the domains' chains have entropy rates {min(rates):.3f} to "
-                f"{max(rates):.3f} nats, mean {np.mean(rates):.4f} (document starts and ends "
-                "add a little).", ""]
-    lines += ["| method | " + " | ".join(c[1] for c in COLUMNS) + " |",
-              "|---|" + "---|" * len(COLUMNS)]
-    for method in methods:
-      if not _by(results, dataset, method, "loss"):
+  for dataset in data["datasets"]:
+    comparisons = {key: harness.compare(data, key, dataset) for key, _, _ in COLUMNS}
+    if not any(v["spread"]["n"] for v in comparisons["loss"].values()):
+      continue
+    lines += [f"## {dataset}", "",
+              "| method | n | " + " | ".join(c[1] for c in COLUMNS) + " | tokens/s | "
+              "ERC diagonal share / ratio |", "|---|---|" + "---|" * (len(COLUMNS) + 2)]
+    for method in data["arms"]:
+      if not comparisons["loss"][method]["spread"]["n"]:
         continue
-      cells = [_cell(_by(results, dataset, method, key), digits) for key, _, digits in COLUMNS]
-      lines.append(f"| {method} | " + " | ".join(cells) + " |")
+      cells = []
+      for key, _, digits in COLUMNS:
+        c = comparisons[key][method]
+        cell = f"{f(c['spread']['mean'], digits)} ± {f(c['spread']['std'], digits)}"
+        if c["paired"] is not None:
+          cell += f"; Δ {fi(c['paired'], digits)}"
+        cells.append(cell)
+      tps = harness.spread(list(harness.values_by_seed(data, "tokens_per_s", dataset,
+                                                       method).values()))
+      erc = [harness.spread(list(harness.values_by_seed(data, name, dataset,
+                                                        method).values()))["mean"]
+             for name in ERC_METRICS]
+      lines.append(f"| {method} | {comparisons['loss'][method]['spread']['n']} | "
+                   + " | ".join(cells) + f" | [{f(tps['min'], 0)}, {f(tps['max'], 0)}] | "
+                   + ("–" if erc[0] is None else f"{f(erc[0])} / {f(erc[1], 2)}") + " |")
+    lines += ["", "| claim | figure | arm − reference [95% CI] | verdict |",
+              "|---|---|---|---|"]
+    for name, arm, reference, kind, text in CLAIM_TESTS:
+      if arm not in data["arms"] or reference not in data["arms"]:
+        continue
+      out = harness.claim(data, name, dataset, arm, reference, kind)
+      lines.append(f"| {text} | {name} ({kind}) | {fi(out['interval'], 4)} "
+                   f"(seeds {len(out['interval']['seeds'])}) | {out['verdict']} |")
     lines.append("")
-  lines += ["## Verdicts", "",
-            "Rules: \"more specialisation\" means higher MI in every seed (paired by seed); "
-            "\"matched the loss\" means the aux-free mean loss is at most the switch loss's "
-            "plus the larger seed-to-seed spread of the two (at least 0.005).", "",
-            *verdicts(results, datasets), ""]
-  write_keeping_reading(path, lines)
+  lines += ["Verdicts (experiments/harness.py): `lower`/`higher` hold when the interval "
+            "excludes 0 in that direction and do not hold when it excludes 0 the other way; "
+            "`no_worse` holds when the interval lies below the reference's own seed "
+            "standard deviation and does not hold when it lies above 0; otherwise, or with "
+            "fewer than 2 paired seeds, cannot tell.", "",
+            "What this scale cannot test: 600 steps of a 2-block, 8-expert byte-level LM "
+            "on CPU; balance at scale (many devices, long training) is out of its reach.", ""]
+  harness.write_report(path, lines, harness.digest(data["runs"]))
+
+
+def machine() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return (f"jax {jax.__version__}, {jax.default_backend()} backend, {os.cpu_count()} cores, "
+          f"shared; {platform.platform()}")
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
+  parser.add_argument("--baseline_seeds", type=int, default=5, help="seeds of `none`")
   parser.add_argument("--datasets", default=",".join(DATASETS))
   parser.add_argument("--methods", default="all")
   parser.add_argument("--workdir", default=os.path.join(REPO, "workdir", "balance"))
   parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR",
                                                            "~/tensorflow_datasets"))
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "balance"))
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite the report from <out>.json, no training")
   args = parser.parse_args()
-  args.seeds = [int(s) for s in args.seeds.split(",")]
   datasets = args.datasets.split(",")
   methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
   unknown = sorted(set(methods) - set(METHODS)) + sorted(set(datasets) - set(DATASETS))
   if unknown:
     parser.error(f"unknown methods or datasets {unknown}; methods: {METHODS}, "
                  f"datasets: {DATASETS}")
+  if "none" not in methods:
+    parser.error("--methods must include none, the baseline")
+  if args.seeds < 1 or args.baseline_seeds < 1:
+    parser.error("--seeds and --baseline_seeds must be at least 1")
 
-  results = []
-  for dataset in datasets:
-    for seed in args.seeds:
-      for method in methods:
-        print(f"[balance] {dataset} {method} seed {seed}", file=sys.stderr, flush=True)
-        results.append(run(method, dataset, seed, args))
-        print(json.dumps(results[-1]), flush=True)
-  with open(args.out + ".json", "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
-  write_report(args.out + ".md", results, args, datasets, methods)
+  if args.report_only:
+    data = harness.load(args.out + ".json")
+  else:
+    grid = harness.Grid(name="balance", arms=methods, baseline="none", datasets=datasets,
+                        seeds={"none": args.baseline_seeds, "*": args.seeds})
+    data = harness.run_grid(grid, lambda arm, dataset, seed: run(arm, dataset, seed, args),
+                            args.out + ".json", meta={"steps": args.steps,
+                                                      "machine": machine()},
+                            after_each=lambda data: write_report(args.out + ".md", data, args))
+  write_report(args.out + ".md", data, args)
   print(f"[balance] wrote {args.out}.md", file=sys.stderr)
 
 
