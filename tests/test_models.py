@@ -118,3 +118,25 @@ def test_every_parameter_has_logical_axes():
 def test_bad_model_settings_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     _model(**kwargs)
+
+
+def test_a_bidirectional_model_takes_expert_choice_and_a_capacity_per_layer():
+  """causal=False: attention sees later tokens, expert choice is allowed, and the
+  capacity each MoE layer's router reads comes from the call."""
+  from moejax.models import TransformerLM  # pylint: disable=g-import-not-at-top
+  moe = dict(num_experts=4, top_k=1, hidden_dim=16, router="expert_choice",
+             router_kwargs={"max_capacity": 8})
+  with pytest.raises(ValueError, match="causal"):
+    TransformerLM(vocab_size=16, num_layers=2, model_dim=8, num_heads=2, mlp_dim=16, moe=moe)
+  model = TransformerLM(vocab_size=16, num_layers=2, model_dim=8, num_heads=2, mlp_dim=16,
+                        moe=moe, causal=False)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 16)
+  variables = model.init(jax.random.PRNGKey(1), tokens)
+  logits, aux = model.apply(variables, tokens)
+  later = tokens.at[:, -1].set((tokens[:, -1] + 1) % 16)
+  first = model.apply(variables, later)[0][:, 0]
+  assert float(jnp.max(jnp.abs(first - logits[:, 0]))) > 0        # sees the future
+  # T = 16, E = 4: capacity 2 in layer 0 and 8 in layer 1 -> 8 and 32 slots.
+  _, aux = model.apply(variables, tokens, capacity={"layer_0": 2, "layer_1": 8})
+  assert int(aux["layer_0"].plan.valid.sum()) == 8
+  assert int(aux["layer_1"].plan.valid.sum()) == 32

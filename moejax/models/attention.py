@@ -31,13 +31,15 @@ def rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
   return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids: Optional[Array], length: int) -> Array:
-  """bool [B or 1, 1, L, L]: causal, and within one segment when segments are given."""
-  causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+def attention_mask(segment_ids: Optional[Array], length: int, causal: bool = True) -> Array:
+  """bool [B or 1, 1, L, L]: causal (unless `causal` is False), and within one segment
+  when segments are given."""
+  allowed = (jnp.tril(jnp.ones((length, length), dtype=bool)) if causal
+             else jnp.ones((length, length), dtype=bool))[None, None]
   if segment_ids is None:
-    return causal
+    return allowed
   same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-  return causal & same
+  return allowed & same
 
 
 class CausalSelfAttention(nn.Module):
@@ -49,6 +51,7 @@ class CausalSelfAttention(nn.Module):
     rope_base: RoPE wavelength base.
     dtype: activation dtype; softmax is float32.
     param_dtype: parameter dtype.
+    causal: False for a bidirectional encoder (every token sees its whole segment).
   """
 
   num_heads: int
@@ -56,6 +59,7 @@ class CausalSelfAttention(nn.Module):
   rope_base: float = 10000.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Optional[Array] = None,
@@ -74,7 +78,7 @@ class CausalSelfAttention(nn.Module):
     v = projection("value")(x)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
-    mask = attention_mask(segment_ids, x.shape[1])
+    mask = attention_mask(segment_ids, x.shape[1], self.causal)
     probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     y = nn.DenseGeneral(

@@ -12,7 +12,7 @@ ids, the step, this layer's step counts (`global_counts`), the carry its router
 handed on at the previous MoE layer (None at the first; dense blocks pass it
 through), and the head-averaged attention probabilities of its block, computed
 only for a router that declares them; every router gets the segment ids, the
-layer index, causal=True and the data shards. Activations may be bfloat16;
+layer index, the model's causality and the data shards. Activations may be bfloat16;
 routers always compute in float32.
 
 The model returns the logits and {"layer_<i>": MoEAux} for its MoE layers; each
@@ -69,11 +69,12 @@ class Block(nn.Module):
   rope_base: float = 10000.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = True
 
   def setup(self):
     self.attention_norm = rms_norm("attention_norm", self.dtype, self.param_dtype)
     self.attention = CausalSelfAttention(self.num_heads, self.head_dim, self.rope_base,
-                                         self.dtype, self.param_dtype)
+                                         self.dtype, self.param_dtype, self.causal)
     self.ffn_norm = rms_norm("ffn_norm", self.dtype, self.param_dtype)
     if self.moe is None:
       self.ffn = DenseFFN(self.mlp_dim, self.expert_type, self.activation, self.dtype,
@@ -120,6 +121,9 @@ class TransformerLM(nn.Module):
     rope_base: RoPE wavelength base.
     dtype: activation dtype (e.g. bfloat16); logits and routers are float32.
     param_dtype: parameter dtype.
+    causal: True (a decoder LM, default); False for a bidirectional encoder (e.g.
+      a masked-diffusion LM), where routers that look at other tokens of the
+      sequence (expert choice) are legitimate.
   """
 
   vocab_size: int
@@ -136,6 +140,7 @@ class TransformerLM(nn.Module):
   rope_base: float = 10000.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = True
 
   def __post_init__(self):
     for field in ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_dim",
@@ -148,8 +153,8 @@ class TransformerLM(nn.Module):
       raise ValueError(f"model.head_dim must be even for RoPE, got {self.resolved_head_dim}")
     if self.moe is not None and not isinstance(self.moe, MoE):
       object.__setattr__(self, "moe", MoE(**self.moe, parent=None))
-    if self.moe is not None:
-      routers.check_causal(self.moe.router_spec)                # the model is causal
+    if self.moe is not None and self.causal:
+      routers.check_causal(self.moe.router_spec)
     super().__post_init__()
 
   @property
@@ -174,7 +179,8 @@ class TransformerLM(nn.Module):
         Block(layer, self.num_heads, self.resolved_head_dim, self.mlp_dim,
               self.moe if self.is_moe_layer(layer) else None, self.expert_type,
               self.activation,
-              self.rope_base, self.dtype, self.param_dtype, name=f"block_{layer}")
+              self.rope_base, self.dtype, self.param_dtype, self.causal,
+              name=f"block_{layer}")
         for layer in range(self.num_layers)]
     self.final_norm = rms_norm("final_norm", self.dtype, self.param_dtype)
     if not self.tie_embeddings:
@@ -188,22 +194,27 @@ class TransformerLM(nn.Module):
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, *, deterministic: bool = True,
                step: Optional[Array] = None, global_counts: Optional[Mapping] = None,
-               data_shards: int = 1) -> tuple[Array, dict[str, MoEAux]]:
+               data_shards: int = 1, capacity: Optional[Any] = None
+               ) -> tuple[Array, dict[str, MoEAux]]:
     """tokens int[B, L] -> (logits float32[B, L, V], {"layer_<i>": MoEAux}).
 
     `global_counts` ({"layer_<i>": float32[E]}, the step's counts of each MoE
     layer) and `data_shards` go to the routers' RoutingContext (balance scopes
-    `global` and `microbatch`).
+    `global` and `microbatch`); `capacity` (a per-expert capacity for every MoE
+    layer, or {"layer_<i>": capacity}; static or traced) to routers that read
+    RoutingContext.capacity (expert choice: a capacity schedule set from outside).
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens)
     ctx = RoutingContext(positions=positions, segment_ids=segment_ids, step=step,
-                         token_ids=tokens, causal=True, data_shards=data_shards)
+                         token_ids=tokens, causal=self.causal, data_shards=data_shards)
     aux, carry = {}, None
     for layer, block in enumerate(self.blocks):
       counts = None if global_counts is None else global_counts.get(layer_key(layer))
-      x, layer_aux = block(x, ctx.replace(carry=carry, global_counts=counts), deterministic)
+      cap = capacity.get(layer_key(layer)) if isinstance(capacity, Mapping) else capacity
+      x, layer_aux = block(x, ctx.replace(carry=carry, global_counts=counts, capacity=cap),
+                           deterministic)
       if layer_aux is not None:
         aux[layer_key(layer)] = layer_aux
         carry = layer_aux.carry
