@@ -24,13 +24,10 @@ micro-batches of 4 rows (gradient accumulation), so that micro-batch and global
 balancing differ on one device. With D data-parallel devices (D <= 4) each
 device balances its 4 / D rows of a micro-batch; on 8 devices use
 --config.train.num_microbatches=1 (2 rows per device) or a larger batch.
-Expected on a 2-core CPU (measured by experiments/balance.py at 600 steps, 2 seeds):
-3.5 to 4.5 minutes per run (twice that for the config's own 1200 steps),
-switch_global the slowest (its counting pass costs 10 to 15% of throughput).
-Validation about 1.41 bits per byte on synthetic_domains for every method (none,
-switch and aux-free within 0.002 nats), and 2.89 to 2.96 on stdlib_text; domain MI
-from 0.03 (switch_sequence) to 0.26 (none) on synthetic_domains. Full tables:
-experiments/results/balance.md.
+Expected on a 2-core CPU: 3.5 to 4.5 minutes per run at 600 steps (twice that for
+the config's own 1200 steps); `switch_global` runs one extra forward pass per step
+to count. Losses, balance and specialisation per method, with seeds and paired
+intervals: experiments/results/balance.md (experiments/balance.py).
 """
 import ml_collections
 
