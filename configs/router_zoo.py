@@ -38,13 +38,10 @@ and for expert_choice and soft also their evaluation, sees the future: their
 validation loss is optimistic and not comparable with the causal routers'.
 Sinkhorn routers evaluate causally (plain top-2), so their loss is comparable.
 
-Expected on a 2-core CPU at 600 steps (experiments/router_zoo.py, stdlib_text,
-whole validation split, seed 0; measured): 4 to 5 minutes per run, random about
-twice that. Validation loss, nats per byte: hash 1.910, null_experts 2.005, topk
-2.025, top_p 2.039 (1.89 experts per token), expert_choice 2.043, selective_sinkhorn
-2.049, soft 2.055, sinkhorn 2.072, random 2.099, relu 2.162 (about 1.6 expert rows
-per token: its gates close beyond the target). Full table and reading:
-experiments/results/router_zoo.md.
+Expected on a 2-core CPU at 600 steps: 3 to 5 minutes per run, random about twice
+that (two forward passes). Losses, balance and each paper's claim, with seeds and
+paired intervals against topk: experiments/results/router_zoo.md
+(experiments/router_zoo.py).
 """
 from moejax import routers
 
