@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from typing import Any
 
@@ -142,7 +141,7 @@ CLAIM_TESTS = (
 
 
 def write_report(path: str, data, args) -> None:
-  f, fi = harness.fmt, harness.fmt_interval
+  f = harness.fmt
   meta = data.get("meta", {})
   lines = ["# Load-balancing methods on the tiny LM", "",
            "`experiments/balance.py` trains `configs/balance.py:<method>` (lm_tiny: 2 MoE "
@@ -163,23 +162,15 @@ def write_report(path: str, data, args) -> None:
            "on the validation batches, nats, mean over the 2 layers. Tokens/s: the median "
            "over logging windows of each run, as the range over seeds (a shared machine; "
            "`switch_global` runs one extra forward pass per step to count).", ""]
-  for dataset in data["datasets"]:
+  for dataset in harness.datasets_with_runs(data):
     comparisons = {key: harness.compare(data, key, dataset) for key, _, _ in COLUMNS}
-    if not any(v["spread"]["n"] for v in comparisons["loss"].values()):
-      continue
     lines += [f"## {dataset}", "",
               "| method | n | " + " | ".join(c[1] for c in COLUMNS) + " | tokens/s | "
               "ERC diagonal share / ratio |", "|---|---|" + "---|" * (len(COLUMNS) + 2)]
     for method in data["arms"]:
       if not comparisons["loss"][method]["spread"]["n"]:
         continue
-      cells = []
-      for key, _, digits in COLUMNS:
-        c = comparisons[key][method]
-        cell = f"{f(c['spread']['mean'], digits)} ± {f(c['spread']['std'], digits)}"
-        if c["paired"] is not None:
-          cell += f"; Δ {fi(c['paired'], digits)}"
-        cells.append(cell)
+      cells = [harness.fmt_cell(comparisons[key][method], digits) for key, _, digits in COLUMNS]
       tps = harness.spread(list(harness.values_by_seed(data, "tokens_per_s", dataset,
                                                        method).values()))
       erc = [harness.spread(list(harness.values_by_seed(data, name, dataset,
@@ -188,15 +179,7 @@ def write_report(path: str, data, args) -> None:
       lines.append(f"| {method} | {comparisons['loss'][method]['spread']['n']} | "
                    + " | ".join(cells) + f" | [{f(tps['min'], 0)}, {f(tps['max'], 0)}] | "
                    + ("–" if erc[0] is None else f"{f(erc[0])} / {f(erc[1], 2)}") + " |")
-    lines += ["", "| claim | figure | arm − reference [95% CI] | verdict |",
-              "|---|---|---|---|"]
-    for name, arm, reference, kind, text in CLAIM_TESTS:
-      if arm not in data["arms"] or reference not in data["arms"]:
-        continue
-      out = harness.claim(data, name, dataset, arm, reference, kind)
-      lines.append(f"| {text} | {name} ({kind}) | {fi(out['interval'], 4)} "
-                   f"(seeds {len(out['interval']['seeds'])}) | {out['verdict']} |")
-    lines.append("")
+    lines += ["", *harness.claim_rows(data, dataset, CLAIM_TESTS), ""]
   lines += ["Verdicts (experiments/harness.py): `lower`/`higher` hold when the interval "
             "excludes 0 in that direction and do not hold when it excludes 0 the other way; "
             "`no_worse` holds when the interval lies below the reference's own seed "
@@ -207,48 +190,19 @@ def write_report(path: str, data, args) -> None:
   harness.write_report(path, lines, harness.digest(data["runs"]))
 
 
-def machine() -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  return (f"jax {jax.__version__}, {jax.default_backend()} backend, {os.cpu_count()} cores, "
-          f"shared; {platform.platform()}")
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
-  parser.add_argument("--baseline_seeds", type=int, default=5, help="seeds of `none`")
+  harness.add_grid_arguments(parser, baseline="none")
   parser.add_argument("--datasets", default=",".join(DATASETS))
   parser.add_argument("--methods", default="all")
-  parser.add_argument("--workdir", default=os.path.join(REPO, "workdir", "balance"))
-  parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR",
-                                                           "~/tensorflow_datasets"))
-  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "balance"))
-  parser.add_argument("--report_only", action="store_true",
-                      help="rewrite the report from <out>.json, no training")
+  harness.add_path_arguments(parser, "balance")
   args = parser.parse_args()
-  datasets = args.datasets.split(",")
-  methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
-  unknown = sorted(set(methods) - set(METHODS)) + sorted(set(datasets) - set(DATASETS))
-  if unknown:
-    parser.error(f"unknown methods or datasets {unknown}; methods: {METHODS}, "
-                 f"datasets: {DATASETS}")
-  if "none" not in methods:
-    parser.error("--methods must include none, the baseline")
-  if args.seeds < 1 or args.baseline_seeds < 1:
-    parser.error("--seeds and --baseline_seeds must be at least 1")
-
-  if args.report_only:
-    data = harness.load(args.out + ".json")
-  else:
-    grid = harness.Grid(name="balance", arms=methods, baseline="none", datasets=datasets,
-                        seeds={"none": args.baseline_seeds, "*": args.seeds})
-    data = harness.run_grid(grid, lambda arm, dataset, seed: run(arm, dataset, seed, args),
-                            args.out + ".json", meta={"steps": args.steps,
-                                                      "machine": machine()},
-                            after_each=lambda data: write_report(args.out + ".md", data, args))
-  write_report(args.out + ".md", data, args)
-  print(f"[balance] wrote {args.out}.md", file=sys.stderr)
+  datasets = harness.chosen(parser, "datasets", args.datasets, DATASETS)
+  methods = harness.chosen(parser, "methods", args.methods, METHODS, required="none")
+  harness.run_or_load(parser, args, "balance", methods, "none", datasets,
+                      lambda arm, dataset, seed: run(arm, dataset, seed, args),
+                      lambda data: write_report(args.out + ".md", data, args),
+                      harness.machine_description())
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ CLAIM_TESTS = (
 
 
 def write_report(path: str, data, args) -> None:
-  f, fi = harness.fmt, harness.fmt_interval
+  f = harness.fmt
   meta = data.get("meta", {})
   figures = ["loss"] + [f"loss_r{r}" for r in EVAL_RATIOS]
   lines = ["# Expert choice with a capacity schedule in a masked-diffusion LM", "",
@@ -192,22 +192,13 @@ def write_report(path: str, data, args) -> None:
   for arm in data["arms"]:
     if not comparisons["loss"][arm]["spread"]["n"]:
       continue
-    cells = []
-    for name in figures:
-      c = comparisons[name][arm]
-      cells.append(f"{f(c['spread']['mean'], 4)} ± {f(c['spread']['std'], 4)}"
-                   + (f"; Δ {fi(c['paired'], 4)}" if c["paired"] else ""))
+    cells = [harness.fmt_cell(comparisons[name][arm], 4) for name in figures]
     epm = [harness.spread(list(harness.values_by_seed(
         data, f"experts_per_token_r{r}", "synthetic_domains", arm).values()))["mean"]
            for r in (EVAL_RATIOS[0], EVAL_RATIOS[-1])]
     lines.append(f"| {arm} | {comparisons['loss'][arm]['spread']['n']} | "
                  + " | ".join(cells) + f" | {f(epm[0], 2)} / {f(epm[1], 2)} |")
-  lines += ["", "| claim | arm − reference [95% CI] | verdict |", "|---|---|---|"]
-  for name, arm, reference, kind, text in CLAIM_TESTS:
-    if arm in data["arms"] and reference in data["arms"]:
-      out = harness.claim(data, name, "synthetic_domains", arm, reference, kind)
-      lines.append(f"| {text} | {fi(out['interval'], 4)} (seeds "
-                   f"{len(out['interval']['seeds'])}) | {out['verdict']} |")
+  lines += ["", *harness.claim_rows(data, "synthetic_domains", CLAIM_TESTS)]
   lines += ["", "What this scale cannot test: generation quality of a diffusion LM (no "
             "sampler runs), and anything beyond 600 steps of a 2-block byte-level model "
             "on CPU.", ""]
@@ -216,35 +207,18 @@ def write_report(path: str, data, args) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--baseline_seeds", type=int, default=5, help="seeds of ec_constant")
+  harness.add_grid_arguments(parser, baseline="ec_constant")
   parser.add_argument("--arms", default="all")
-  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
-                                                    "ec_capacity"))
-  parser.add_argument("--report_only", action="store_true")
+  harness.add_path_arguments(parser, "ec_capacity", trains_with_data=False)
   args = parser.parse_args()
-  arms = ARMS if args.arms == "all" else tuple(args.arms.split(","))
-  unknown = sorted(set(arms) - set(ARMS))
-  if unknown:
-    parser.error(f"unknown arms {unknown}; arms: {ARMS}")
-  if "ec_constant" not in arms:
-    parser.error("--arms must include ec_constant, the baseline")
+  arms = harness.chosen(parser, "arms", args.arms, ARMS, required="ec_constant")
   if args.steps < 10:
     parser.error("--steps must be at least 10")
-  if args.report_only:
-    data = harness.load(args.out + ".json")
-  else:
-    from balance import machine  # pylint: disable=g-import-not-at-top
-    grid = harness.Grid(name="ec_capacity", arms=arms, baseline="ec_constant",
-                        datasets=["synthetic_domains"],
-                        seeds={"ec_constant": args.baseline_seeds, "*": args.seeds})
-    data = harness.run_grid(grid, lambda arm, dataset, seed: run(arm, dataset, seed, args),
-                            args.out + ".json", meta={"steps": args.steps,
-                                                      "machine": machine()},
-                            after_each=lambda data: write_report(args.out + ".md", data, args))
-  write_report(args.out + ".md", data, args)
-  print(f"[ec_capacity] wrote {args.out}.md", file=sys.stderr)
+  harness.run_or_load(parser, args, "ec_capacity", arms, "ec_constant",
+                      ["synthetic_domains"],
+                      lambda arm, dataset, seed: run(arm, dataset, seed, args),
+                      lambda data: write_report(args.out + ".md", data, args),
+                      harness.machine_description())
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import harness  # noqa: E402  (experiments/)
-from balance import FULL_VALIDATION, _records, machine, summarise_run  # noqa: E402
+from balance import FULL_VALIDATION, _records, summarise_run  # noqa: E402
 
 DATASETS = ("synthetic_domains", "stdlib_text")
 GRANULARITIES = (1, 2, 4)
@@ -92,7 +92,6 @@ def claim_tests(arms) -> list[tuple[str, str, str, str, str]]:
 
 
 def write_report(path: str, data, args) -> None:
-  f, fi = harness.fmt, harness.fmt_interval
   meta = data.get("meta", {})
   lines = ["# Fine-grained and shared experts (DeepSeekMoE) at equal parameters", "",
            "`experiments/granularity.py` trains lm_tiny (2 MoE blocks, D = 128, switch loss "
@@ -106,10 +105,8 @@ def write_report(path: str, data, args) -> None:
            "Cells: mean ± standard deviation over seeds, then Δ, the paired difference "
            "against m1 with its 95% t interval. MI(domain; expert) is bounded by the log "
            "of the number of routed experts (given beside it).", ""]
-  for dataset in data["datasets"]:
+  for dataset in harness.datasets_with_runs(data):
     loss = harness.compare(data, "loss", dataset)
-    if not any(v["spread"]["n"] for v in loss.values()):
-      continue
     mi = harness.compare(data, "domain_expert_mi", dataset)
     mv = harness.compare(data, "max_violation_eval", dataset)
     lines += [f"## {dataset}", "", "| arm | routed E, K, width, shared | n | val loss | "
@@ -118,19 +115,12 @@ def write_report(path: str, data, args) -> None:
       if not loss[arm]["spread"]["n"]:
         continue
       e = expert_settings(arm)
-      cell = lambda c, d: (f"{f(c['spread']['mean'], d)} ± {f(c['spread']['std'], d)}"
-                           + (f"; Δ {fi(c['paired'], d)}" if c["paired"] else ""))
+      cell = harness.fmt_cell
       lines.append(f"| {arm} | {e['num_experts']}, {e['top_k']}, {e['hidden_dim']}, "
                    f"{e['num_shared_experts']} | {loss[arm]['spread']['n']} | "
                    f"{cell(loss[arm], 4)} | {cell(mi[arm], 4)} "
                    f"({math.log(e['num_experts']):.2f}) | {cell(mv[arm], 3)} |")
-    lines += ["", "| claim | figure | arm − reference [95% CI] | verdict |",
-              "|---|---|---|---|"]
-    for name, arm, reference, kind, text in claim_tests(data["arms"]):
-      out = harness.claim(data, name, dataset, arm, reference, kind)
-      lines.append(f"| {text} | {name} ({kind}) | {fi(out['interval'], 4)} "
-                   f"(seeds {len(out['interval']['seeds'])}) | {out['verdict']} |")
-    lines.append("")
+    lines += ["", *harness.claim_rows(data, dataset, claim_tests(data["arms"])), ""]
   lines += ["What this scale cannot test: DeepSeekMoE's gains were measured at 2B to "
             "145B parameters over billions of tokens; here 2 MoE blocks of 8 x 256 hidden "
             "units train for 600 steps on CPU, so a verdict is about this setting only.", ""]
@@ -139,36 +129,17 @@ def write_report(path: str, data, args) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--baseline_seeds", type=int, default=5, help="seeds of m1")
+  harness.add_grid_arguments(parser, baseline="m1")
   parser.add_argument("--datasets", default=",".join(DATASETS))
   parser.add_argument("--arms", default="all")
-  parser.add_argument("--workdir", default=os.path.join(REPO, "workdir", "granularity"))
-  parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR",
-                                                           "~/tensorflow_datasets"))
-  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
-                                                    "granularity"))
-  parser.add_argument("--report_only", action="store_true")
+  harness.add_path_arguments(parser, "granularity")
   args = parser.parse_args()
-  arms = ARMS if args.arms == "all" else tuple(args.arms.split(","))
-  datasets = args.datasets.split(",")
-  unknown = sorted(set(arms) - set(ARMS)) + sorted(set(datasets) - set(DATASETS))
-  if unknown:
-    parser.error(f"unknown arms or datasets {unknown}; arms: {ARMS}, datasets: {DATASETS}")
-  if "m1" not in arms:
-    parser.error("--arms must include m1, the baseline")
-  if args.report_only:
-    data = harness.load(args.out + ".json")
-  else:
-    grid = harness.Grid(name="granularity", arms=arms, baseline="m1", datasets=datasets,
-                        seeds={"m1": args.baseline_seeds, "*": args.seeds})
-    data = harness.run_grid(grid, lambda arm, dataset, seed: run(arm, dataset, seed, args),
-                            args.out + ".json", meta={"steps": args.steps,
-                                                      "machine": machine()},
-                            after_each=lambda data: write_report(args.out + ".md", data, args))
-  write_report(args.out + ".md", data, args)
-  print(f"[granularity] wrote {args.out}.md", file=sys.stderr)
+  datasets = harness.chosen(parser, "datasets", args.datasets, DATASETS)
+  arms = harness.chosen(parser, "arms", args.arms, ARMS, required="m1")
+  harness.run_or_load(parser, args, "granularity", arms, "m1", datasets,
+                      lambda arm, dataset, seed: run(arm, dataset, seed, args),
+                      lambda data: write_report(args.out + ".md", data, args),
+                      harness.machine_description())
 
 
 if __name__ == "__main__":

@@ -303,6 +303,8 @@ def write_report(path: str, lines: list[str], data_digest: str) -> bool:
   if reading:
     body = reading[len(READING):].lstrip("\n").splitlines()
     body = [l for l in body if not l.startswith("**Stale: ")]
+    while body and not body[0].strip():
+      body.pop(0)
     marks = [l for l in body if l.startswith("<!-- reading of data ")]
     written_on = marks[0].split()[4] if marks else "none"
     stale = written_on != data_digest
@@ -313,3 +315,89 @@ def write_report(path: str, lines: list[str], data_digest: str) -> bool:
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines).rstrip("\n") + "\n" + ("\n" + reading if reading else ""))
   return stale
+
+
+def fmt_cell(entry: Mapping[str, Any], digits: int = 3) -> str:
+  """A compare() entry as "mean ± sd; Δ +d [low, high]" (no Δ for the baseline)."""
+  s = entry["spread"]
+  text = f"{fmt(s['mean'], digits)} ± {fmt(s['std'], digits)}"
+  return text + (f"; Δ {fmt_interval(entry['paired'], digits)}" if entry["paired"] else "")
+
+
+def claim_rows(data: Mapping[str, Any], dataset: str,
+               tests: Iterable[tuple[str, str, str, str, str]]) -> list[str]:
+  """A markdown table of claims (figure, arm, reference, kind, text), each decided
+  by `claim`; tests whose arms the grid lacks are left out."""
+  lines = ["| claim | figure | arm − reference [95% CI] | verdict |", "|---|---|---|---|"]
+  for name, arm, reference, kind, text in tests:
+    if arm in data["arms"] and reference in data["arms"]:
+      out = claim(data, name, dataset, arm, reference, kind)
+      lines.append(f"| {text} | {name} ({kind}) | {fmt_interval(out['interval'], 4)} "
+                   f"(seeds {len(out['interval']['seeds'])}) | {out['verdict']} |")
+  return lines
+
+
+def add_grid_arguments(parser, baseline: str, default_seeds: int = 3,
+                       default_baseline_seeds: int = 5) -> None:
+  """--steps, --seeds, --baseline_seeds, --report_only."""
+  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--seeds", type=int, default=default_seeds, help="seeds per arm")
+  parser.add_argument("--baseline_seeds", type=int, default=default_baseline_seeds,
+                      help=f"seeds of the baseline, {baseline}")
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite the report from <out>.json, no training")
+
+
+def chosen(parser, flag: str, value: str, allowed: Sequence[str],
+           required: Optional[str] = None) -> tuple[str, ...]:
+  """The comma-separated names of --flag ("all": every allowed one), checked."""
+  names = tuple(allowed) if value == "all" else tuple(value.split(","))
+  unknown = sorted(set(names) - set(allowed))
+  if unknown:
+    parser.error(f"--{flag}: unknown {unknown}; one of {list(allowed)}")
+  if required is not None and required not in names:
+    parser.error(f"--{flag} must include {required}, the baseline")
+  return names
+
+
+def run_or_load(parser, args, name: str, arms: Sequence[str], baseline: str,
+                datasets: Sequence[str], run_one, write: Callable[[dict[str, Any]], None],
+                machine: str) -> dict[str, Any]:
+  """The grid's data: loaded (--report_only) or run to completion, writing the
+  report after each run and at the end."""
+  if args.seeds < 1 or args.baseline_seeds < 1:
+    parser.error("--seeds and --baseline_seeds must be at least 1")
+  if args.report_only:
+    data = load(args.out + ".json")
+  else:
+    grid = Grid(name=name, arms=arms, baseline=baseline, datasets=datasets,
+                seeds={baseline: args.baseline_seeds, "*": args.seeds})
+    data = run_grid(grid, run_one, args.out + ".json",
+                    meta={"steps": args.steps, "machine": machine}, after_each=write)
+  write(data)
+  print(f"[{name}] wrote {args.out}.md", file=sys.stderr)
+  return data
+
+
+def machine_description() -> str:
+  """jax version, backend, cores and platform: the `machine` of a grid's meta."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  return (f"jax {jax.__version__}, {jax.default_backend()} backend, {os.cpu_count()} cores, "
+          f"shared; {platform.platform()}")
+
+
+def add_path_arguments(parser, name: str, trains_with_data: bool = True) -> None:
+  """--out (experiments/results/<name>) and, for runs of the trainer on TFDS data,
+  --workdir (workdir/<name>) and --data_dir ($TFDS_DATA_DIR)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  parser.add_argument("--out", default=os.path.join(repo, "experiments", "results", name))
+  if trains_with_data:
+    parser.add_argument("--workdir", default=os.path.join(repo, "workdir", name))
+    parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR",
+                                                             "~/tensorflow_datasets"))
+
+
+def datasets_with_runs(data: Mapping[str, Any]) -> list[str]:
+  """The grid's datasets that hold at least one finished run."""
+  return [d for d in data["datasets"] if any(r["dataset"] == d for r in data["runs"])]

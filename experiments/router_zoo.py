@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from typing import Any
 
@@ -209,12 +208,6 @@ def overall(tests: list[dict[str, Any]]) -> str:
   return "holds" if all(v == "holds" for v in verdicts) else "cannot tell"
 
 
-def machine() -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  return (f"jax {jax.__version__}, {jax.default_backend()} backend, {os.cpu_count()} cores, "
-          f"shared; {platform.platform()}")
-
-
 def write_report(path: str, data, args) -> None:
   f, fi = harness.fmt, harness.fmt_interval
   meta = data.get("meta", {})
@@ -239,10 +232,8 @@ def write_report(path: str, data, args) -> None:
       "cannot tell. Tokens/s is the median over logging windows of each run, shown as the "
       "range over seeds (a shared machine: indicative only). Experts per token at "
       "initialisation is that of the first logged training window.", ""]
-  for dataset in data["datasets"]:
+  for dataset in harness.datasets_with_runs(data):
     loss = harness.compare(data, "loss", dataset)
-    if not any(v["spread"]["n"] for v in loss.values()):
-      continue
     lines += [f"## {dataset}", "",
               "| router | causality | seeds | val loss mean ± sd [min, max] | Δ loss vs topk "
               "[95% CI] | experts/token init → trained (eval) | MaxVio train | tokens/s "
@@ -309,41 +300,19 @@ def write_plot(path: str, data) -> None:
 def main() -> None:
   from moejax import routers  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--seeds", type=int, default=3, help="seeds per router")
-  parser.add_argument("--baseline_seeds", type=int, default=5, help="seeds of topk")
+  harness.add_grid_arguments(parser, baseline="topk")
   parser.add_argument("--datasets", default="stdlib_text,synthetic_domains")
   parser.add_argument("--routers", default="all")
-  parser.add_argument("--workdir", default=os.path.join(REPO, "workdir", "router_zoo"))
-  parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR",
-                                                           "~/tensorflow_datasets"))
-  parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results",
-                                                    "router_zoo"))
-  parser.add_argument("--report_only", action="store_true",
-                      help="rewrite the report and plot from <out>.json, no training")
+  harness.add_path_arguments(parser, "router_zoo")
   args = parser.parse_args()
-  names = routers.names() if args.routers == "all" else args.routers.split(",")
-  unknown = sorted(set(names) - set(routers.names()))
-  if unknown:
-    parser.error(f"unknown routers {unknown}; routers: {routers.names()}")
-  if "topk" not in names:
-    parser.error("--routers must include topk, the baseline")
-  if args.seeds < 1 or args.baseline_seeds < 1:
-    parser.error("--seeds and --baseline_seeds must be at least 1")
+  names = harness.chosen(parser, "routers", args.routers, routers.names(), required="topk")
+  datasets = harness.chosen(parser, "datasets", args.datasets,
+                            ("stdlib_text", "synthetic_domains"))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-
-  if args.report_only:
-    data = harness.load(args.out + ".json")
-  else:
-    grid = harness.Grid(name="router_zoo", arms=names, baseline="topk",
-                        datasets=args.datasets.split(","),
-                        seeds={"topk": args.baseline_seeds, "*": args.seeds})
-    data = harness.run_grid(grid, lambda arm, dataset, seed: run(arm, dataset, seed, args),
-                            args.out + ".json", meta={"steps": args.steps,
-                                                      "machine": machine()},
-                            after_each=lambda data: write_outputs(args.out, data, args))
-  write_outputs(args.out, data, args)
-  print(f"[router_zoo] wrote {args.out}.md, .json, .png", file=sys.stderr)
+  harness.run_or_load(parser, args, "router_zoo", names, "topk", datasets,
+                      lambda arm, dataset, seed: run(arm, dataset, seed, args),
+                      lambda data: write_outputs(args.out, data, args),
+                      harness.machine_description())
 
 
 def write_outputs(out: str, data, args) -> None:
