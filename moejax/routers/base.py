@@ -134,7 +134,8 @@ class Router(nn.Module):
 
   def expert_embeddings(self) -> Array:
     """[E, D] expert vectors (routers with has_expert_embeddings)."""
-    raise NotImplementedError(f"router {self.router_name!r} has no expert vectors")
+    raise TypeError(f"router {self.router_name!r} has no expert vectors "
+                    "(has_expert_embeddings is False)")
 
 
 class SwitchBalancedRouter(Router):
