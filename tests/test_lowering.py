@@ -64,7 +64,8 @@ def lowering_device(platform: str):
   found, please specify an abstract GPU device". The abstract mesh in context is
   kept (the mesh of jax.set_mesh, whose axes shard_map needs) with its device
   replaced by an H100, via AbstractMesh.update(abstract_device=...); with no mesh
-  in context, a 1-device abstract mesh carries it. JAX 0.10.2 has the same
+  in context, a 1-device abstract mesh with an Auto axis carries it (JAX 0.12
+  makes new axes Explicit by default, which the layer refuses). JAX 0.10.2 has the same
   AbstractDevice and AbstractMesh.update, but its Triton lowering reads no abstract
   device: without a GPU it targets compute capability 9.0, an H100, by itself, and
   its kernels lower to the same operations with the H100 named or not (only
@@ -78,7 +79,8 @@ def lowering_device(platform: str):
     return
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    mesh = jax.sharding.AbstractMesh((1,), ("lowering",))
+    mesh = jax.sharding.AbstractMesh((1,), ("lowering",),
+                                     axis_types=(jax.sharding.AxisType.Auto,))
   try:
     mesh = mesh.update(abstract_device=device_cls(**H100))
   except TypeError:   # an AbstractMesh without abstract_device
