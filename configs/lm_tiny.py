@@ -138,6 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
       eval_batches=20,
       checkpoint_every=400,
       keep_checkpoints=2,
+      probe_every=100,    # route a fixed batch, log routing movement; 0: off
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, model=1))

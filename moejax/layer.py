@@ -104,6 +104,8 @@ class MoEAux(flax.struct.PyTreeNode):
       is on, and the router's own metrics.
     plan: the assignments of tokens to experts after capacity, for analysis (for
       Soft MoE each token's expert of largest combine mass).
+    routed_plan: the router's assignments before capacity, slot for slot those
+      of `plan` (moejax.analysis traces read both).
     counts: float32[E], the router's selection counts before capacity, or None
       (StepNeeds.counts_for_loss sums them over a step).
     carry: what the router hands to the next MoE layer, or None.
@@ -113,6 +115,7 @@ class MoEAux(flax.struct.PyTreeNode):
   losses: dict[str, Array]
   metrics: dict[str, Array]
   plan: RoutingPlan
+  routed_plan: Optional[RoutingPlan] = None
   counts: Optional[Array] = None
   carry: Optional[Any] = None
 
@@ -389,6 +392,7 @@ class MoE(nn.Module):
     loss = sum((weights.get(k, 0.0) * v for k, v in losses.items()), jnp.zeros((), jnp.float32))
     aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics,
                  plan=routed.token_plan if self.router_spec.mixes_tokens else plan,
+                 routed_plan=routed.token_plan,
                  counts=routed.counts, carry=routed.carry)
     y = y.reshape(shape)
     if self.aux == "sow":

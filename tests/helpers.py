@@ -70,6 +70,7 @@ TINY_OVERRIDES = {
     "train.eval_every": 10,
     "train.eval_batches": 2,
     "train.checkpoint_every": 10,
+    "train.probe_every": 0,
 }
 
 

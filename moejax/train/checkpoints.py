@@ -151,6 +151,12 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=InputShardsRestore(iterator)))
     return restored["state"]
 
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """The state saved at `step` alone, without the data position (for analysis)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
   def restore_latest(self, abstract_state: Any, iterator: Any) -> Resume:
     """Restores the newest checkpoint that can be read (see the module docstring).
 

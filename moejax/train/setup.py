@@ -278,6 +278,7 @@ def check(config, num_devices: Optional[int] = None,
                 "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
     validation.positive_int(f"train.{field}", t[field])
   validation.positive_int("train.warmup_steps", t.warmup_steps, minimum=0)
+  validation.positive_int("train.probe_every", t.get("probe_every", 0), minimum=0)
   validation.in_range("train.learning_rate", t.learning_rate, 0, 10, low_open=True)
   validation.in_range("train.weight_decay", t.weight_decay, 0, 10)
   validation.in_range("train.grad_clip", t.grad_clip, 0, float("inf"), low_open=True)

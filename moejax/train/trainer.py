@@ -14,7 +14,11 @@ SIGTERM (a preemption) stops the run at the next step boundary, after an
 evaluation in progress, with a checkpoint at that step, one line on stderr and
 exit status 75 (moejax.train.preemption). Progress goes to stderr (a tqdm bar
 with loss, tokens/s and ETA); metrics go to <workdir>/metrics.jsonl and
-TensorBoard.
+TensorBoard. Every train.probe_every steps one fixed evaluation batch is routed
+and what changed since the previous probe is logged as split `probe`: the share
+of tokens whose top-1 expert moved, and the token-id and domain mutual
+information with the expert (moejax.analysis.probe), so a run shows when its
+routing settles.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moejax.analysis import collect, probe
 from moejax.data import make_dataset
 from moejax.data.pipeline import num_domains
 from moejax.parallel import BATCH_AXES, LOGICAL_RULES, make_mesh
@@ -108,6 +113,49 @@ def evaluate(state, eval_step, config, batch_sharding, tokenizer) -> dict[str, A
   return {"loss": totals["nll_sum"] / max(totals["tokens"], 1.0),
           "bits_per_byte": totals["nll_sum"] / LN2 / max(totals["bytes"], 1.0),
           "tokens": totals["tokens"], "layers": layers}
+
+
+class RoutingProbe:
+  """Every train.probe_every steps: routes one fixed evaluation batch and logs how
+  routing moved since the previous probe (moejax.analysis.probe). Off with
+  probe_every = 0, for dense models, and with more than one process (the trace
+  gathers plans on one host); a resumed run's first probe has no predecessor."""
+
+  def __init__(self, model, config, shardings, batch_sharding, tokenizer):
+    self.every = int(config.train.get("probe_every", 0) or 0)
+    if model.moe is None or jax.process_count() > 1:
+      if self.every and jax.process_count() > 1:
+        _log("train.probe_every: the routing probe runs on one process only; it is off")
+      self.every = 0
+    if not self.every:
+      return
+    spec = setup.pipeline_spec(config, config.data.eval_split, training=False)
+    batch = next(iter(make_dataset(spec, tokenizer, prepare=False)))
+    self.rows = jax.tree_util.tree_map(np.asarray, split_batch(batch))
+    self.batch = _global_batch(batch, batch_sharding)
+    self.num_experts = model.moe.routed_experts
+    self.meta = {"dataset": config.data.name, "split": config.data.eval_split}
+    self.previous = None
+
+    def route(state, batch):
+      rows = split_batch(batch)
+      variables = {"params": state.params,
+                   **({"routing": state.routing} if state.routing else {})}
+      _, aux = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
+                           deterministic=True)
+      return collect.layer_plans(aux)
+
+    self.route = jax.jit(route, in_shardings=(shardings, batch_sharding))
+
+  def due(self, step: int) -> bool:
+    return bool(self.every) and step % self.every == 0
+
+  def __call__(self, state, step: int) -> dict[str, Any]:
+    trace = collect.trace_batches(lambda rows: self.route(state, self.batch), [self.rows],
+                                  self.num_experts, meta={**self.meta, "step": step})
+    record = probe.summary(trace, self.previous)
+    self.previous = trace
+    return record
 
 
 def _scalar_summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +239,7 @@ def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
                                                          domains)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
                         resume_step=start if start else None)
+  routing_probe = RoutingProbe(model, config, shardings, batch_sharding, tokenizer)
   base_key = jax.random.PRNGKey(config.seed)
 
   bar = None
@@ -218,6 +267,8 @@ def _train(config, workdir: str, progress: bool, mesh) -> dict[str, Any]:
         window_start = time.time()
       if bar is not None:
         bar.update(1)
+      if routing_probe.due(done):
+        writer.write(done, "probe", routing_probe(state, done))
       if done % t.eval_every == 0 or done == t.steps:
         # A preemption during evaluation stops the run after it, with its record.
         evaluation = evaluate(state, eval_step, config, batch_sharding, tokenizer)
