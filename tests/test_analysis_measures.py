@@ -11,7 +11,8 @@ import pytest
 
 import moejax.analysis as analysis
 from moejax.analysis import trace as traces
-from moejax.analysis.affinity import coactivation, conditional_entropy, layer_affinity
+from moejax.analysis.affinity import (coactivation, conditional_entropy, layer_affinity,
+                                     shuffled_information)
 from moejax.analysis.consistency import (
     bootstrap_interval, sch_curve, sch_interval, sch_knee, segment_cache_hit_rate,
     segment_routing_best_performance, segment_routing_best_performance_per_expert,
@@ -22,7 +23,8 @@ from moejax.analysis.fluctuation import routing_fluctuation
 from moejax.analysis.balance import (
     balance_over_checkpoints, expert_load, load_cv, max_violation, max_violation_interval)
 from moejax.analysis.specialization import (
-    _plug_in_mi, domain_expert_mutual_information, majority_expert_share, mutual_information,
+    _plug_in_mi, domain_expert_mutual_information, expert_specialisation, majority_expert_share,
+    mutual_information,
     token_expert_mutual_information)
 
 LN2, LN3 = math.log(2), math.log(3)
@@ -545,3 +547,35 @@ def test_diversity_and_load_invariants(trace):
     e = trace.num_experts
     assert 0 <= max_violation(trace, 0) <= e - 1 + 1e-9
     assert 0 <= load_cv(trace, 0) <= math.sqrt(e - 1) + 1e-9
+
+
+def test_expert_specialisation_hand_computed():
+  # K = 1, E = 3. Domains 0 0 1 1 to experts 0 0 1 0: P(domain) = (1/2, 1/2).
+  # Expert 0 serves domains (0, 0, 1): P = (2/3, 1/3), KL = 2/3 ln(4/3) + 1/3 ln(2/3).
+  # Expert 1 serves domain 1 only: KL = ln 2. Expert 2 is never selected: NaN.
+  trace = make_trace([[0], [0], [1], [0]], 3, token_ids=[5, 6, 5, 6], domains=[0, 0, 1, 1])
+  got = expert_specialisation(trace, 0, by="domain")
+  want0 = 2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)
+  np.testing.assert_allclose(got[:2], [want0, LN2], rtol=1e-12)
+  assert np.isnan(got[2])
+  # By token id: ids (5, 6, 5, 6) are also half and half; expert 0 serves 5, 6, 6.
+  want0 = 1 / 3 * math.log(2 / 3) + 2 / 3 * math.log(4 / 3)
+  np.testing.assert_allclose(expert_specialisation(trace, 0)[:2], [want0, LN2], rtol=1e-12)
+  # P(e)-weighted mean = I(domain; expert).
+  p_e = np.array([3, 1]) / 4
+  np.testing.assert_allclose(np.dot(p_e, got[:2]), domain_expert_mutual_information(trace, 0),
+                             rtol=1e-12)
+  with pytest.raises(ValueError, match="by must be"):
+    expert_specialisation(trace, 0, by="vocabulary")
+
+
+def test_shuffled_information_is_zero_when_the_next_layer_is_constant():
+  # Layer 1 always picks expert 3: H(E_1) = 0, so I = 0 whatever the permutation,
+  # while layer 1 copying layer 0 gives I = H(E_0) = ln 2 unshuffled.
+  layer0 = [[0], [1], [0], [1]]
+  trace = make_trace([layer0, [[3], [3], [3], [3]]], 4)
+  assert shuffled_information(trace, 0) == 0.0
+  copied = make_trace([layer0, layer0], 4)
+  np.testing.assert_allclose(conditional_entropy(copied, 0).information, LN2, rtol=1e-12)
+  # Shuffled over tokens, the copy keeps its marginal: I drops below ln 2 on average.
+  assert shuffled_information(copied, 0, repeats=20) < LN2 - 0.1

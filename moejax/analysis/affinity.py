@@ -84,3 +84,22 @@ def coactivation(trace: RoutingTrace, layer: int) -> np.ndarray:
   if trace.num_tokens == 0:
     return np.full((trace.num_experts,) * 2, np.nan)
   return hot.T @ hot / trace.num_tokens
+
+
+def shuffled_information(trace: RoutingTrace, layer: int, repeats: int = 5,
+                         seed: int = 0) -> float:
+  """I(E_l; E_{l+1}) with layer l + 1's routing permuted over tokens: the plug-in
+  estimate's value under independence (its bias at this T and E), the mean over
+  `repeats` permutations. conditional_entropy(...).information well above it is
+  affinity beyond chance."""
+  layer = check_layer(trace, layer, trace.num_layers - 1)
+  rng = np.random.default_rng(seed)
+  values = []
+  for _ in range(repeats):
+    experts = trace.experts.copy()
+    experts[layer + 1] = experts[layer + 1][rng.permutation(trace.num_tokens)]
+    shuffled = RoutingTrace(experts, trace.weights, trace.kept, trace.token_ids,
+                            trace.positions, trace.sequence_ids, trace.domains,
+                            trace.num_experts, trace.meta)
+    values.append(conditional_entropy(shuffled, layer).information)
+  return float(np.mean(values))

@@ -163,3 +163,37 @@ def majority_expert_share(trace: RoutingTrace, layer: int, k: Optional[int] = No
   top_per_id = np.sort(counts, axis=1)[:, ::-1][:, :k].sum()
   top_overall = np.sort(counts.sum(axis=0))[::-1][:k].sum()
   return MajorityShare(float(top_per_id / total), float(top_overall / total), k)
+
+
+def expert_specialisation(trace: RoutingTrace, layer: int, by: str = "token") -> np.ndarray:
+  """float[E]: how far each expert's label distribution is from the overall one,
+  KL(P(label | e) || P(label)) in nats, over selected assignments; NaN for an
+  expert never selected.
+
+  With `by` = "token" the label is the token id (vocabulary specialisation), with
+  "domain" the domain (tokens without one left out). Their mean weighted by
+  P(e) is I(label; expert). "Not All Models Suit Expert Offloading" (2025)
+  relates such per-expert specialisation to each expert's local routing
+  consistency (consistency.segment_routing_best_performance_per_expert): it finds
+  domain-specialised experts more consistent than vocabulary-specialised ones.
+  """
+  layer = check_layer(trace, layer)
+  if by == "token":
+    _, labels = np.unique(trace.token_ids, return_inverse=True)
+    counts = _assignment_counts(trace, layer, labels.reshape(-1))
+  elif by == "domain":
+    if not trace.has_domains:
+      raise ValueError("by='domain': the trace has no domain labels (every domain is -1)")
+    labelled = trace.domains >= 0
+    counts = _assignment_counts(trace, layer, np.where(labelled, trace.domains, 0), labelled)
+  else:
+    raise ValueError(f"by must be 'token' or 'domain', got {by!r}")
+  counts = counts.astype(np.float64)
+  overall = counts.sum(axis=1) / max(counts.sum(), 1.0)          # P(label) [N]
+  per_expert = counts.sum(axis=0)                                 # [E]
+  out = np.full(trace.num_experts, np.nan)
+  for e in np.flatnonzero(per_expert > 0):
+    p = counts[:, e] / per_expert[e]
+    nz = p > 0
+    out[e] = float(np.sum(p[nz] * np.log(p[nz] / overall[nz])))
+  return out
