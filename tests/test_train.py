@@ -192,11 +192,11 @@ def test_trains_from_a_local_tfds_dataset_by_name(tmp_path):
   assert sorted(train_losses(workdir)) == [1, 2, 3, 4]
 
 
+# The command line's path from a bad field to one line and exit status 1, for a
+# trainer field and a router's own field; test_setup_check_names_the_field covers
+# the fields in-process.
 @pytest.mark.parametrize("flag,field", [
     ("--config.train.batch_size=0", "train.batch_size"),
-    ("--config.moe.top_k=9", "top_k"),
-    ("--config.train.num_microbatches=3", "train.num_microbatches"),
-    ("--config.model.dtype=float8", "model.dtype"),
     ("--config.moe.topk.score=relu", "score"),
 ])
 def test_bad_config_fails_at_start_with_the_field(flag, field, tfds_dir, tmp_path):
@@ -221,6 +221,10 @@ def test_missing_dataset_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("overrides,field", [
     ({"train.batch_size": 6, "train.num_microbatches": 4}, "train.num_microbatches"),
+    ({"train.num_microbatches": 3}, "train.num_microbatches"),
+    ({"moe.top_k": 9}, "top_k"),
+    ({"model.dtype": "float8"}, "model.dtype"),
+    ({"train.probe_every": -1}, "train.probe_every"),
     ({"mesh.expert": 3}, "mesh.expert"),
     ({"train.learning_rate": 0.0}, "train.learning_rate"),
     ({"data.seq_len": 0}, "data.seq_len"),
