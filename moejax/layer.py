@@ -106,6 +106,8 @@ class MoEAux(flax.struct.PyTreeNode):
       Soft MoE each token's expert of largest combine mass).
     routed_plan: the router's assignments before capacity, slot for slot those
       of `plan` (moejax.analysis traces read both).
+    probs: float32[T, E_all], the router's distribution over each token (what
+      the balance losses and entropy metrics read), for analysis.
     counts: float32[E], the router's selection counts before capacity, or None
       (StepNeeds.counts_for_loss sums them over a step).
     carry: what the router hands to the next MoE layer, or None.
@@ -116,6 +118,7 @@ class MoEAux(flax.struct.PyTreeNode):
   metrics: dict[str, Array]
   plan: RoutingPlan
   routed_plan: Optional[RoutingPlan] = None
+  probs: Optional[Array] = None
   counts: Optional[Array] = None
   carry: Optional[Any] = None
 
@@ -392,7 +395,7 @@ class MoE(nn.Module):
     loss = sum((weights.get(k, 0.0) * v for k, v in losses.items()), jnp.zeros((), jnp.float32))
     aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics,
                  plan=routed.token_plan if self.router_spec.mixes_tokens else plan,
-                 routed_plan=routed.token_plan,
+                 routed_plan=routed.token_plan, probs=routed.probs,
                  counts=routed.counts, carry=routed.carry)
     y = y.reshape(shape)
     if self.aux == "sow":

@@ -579,3 +579,17 @@ def test_shuffled_information_is_zero_when_the_next_layer_is_constant():
   np.testing.assert_allclose(conditional_entropy(copied, 0).information, LN2, rtol=1e-12)
   # Shuffled over tokens, the copy keeps its marginal: I drops below ln 2 on average.
   assert shuffled_information(copied, 0, repeats=20) < LN2 - 0.1
+
+
+def test_balance_over_checkpoints_reports_the_mean_router_entropy():
+  # Two checkpoints of one layer; entropies (ln 2, 0, NaN) -> mean ln 2 / 2 over the
+  # finite ones; a trace without recorded entropies gives NaN.
+  base = make_trace([[0], [1], [0]], 2, meta={"step": 10})
+  a = traces.RoutingTrace(**{**base.__dict__,
+                             "router_entropy": np.array([[LN2, 0.0, np.nan]], np.float32)})
+  b = traces.RoutingTrace(**{**base.__dict__, "meta": {**base.meta, "step": 20},
+                             "router_entropy": None})
+  got = balance_over_checkpoints([b, a])
+  np.testing.assert_array_equal(got.steps, [10, 20])
+  np.testing.assert_allclose(got.router_entropy[0], [LN2 / 2], rtol=1e-6)
+  assert np.isnan(got.router_entropy[1, 0])

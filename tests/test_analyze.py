@@ -66,6 +66,9 @@ def test_analyze_writes_traces_report_and_plots(analyzed):
   # top-2 of 4 experts, dropless: every token has two distinct experts, all kept.
   assert np.all(np.sort(b.experts, axis=-1)[..., 0] < np.sort(b.experts, axis=-1)[..., 1])
   assert b.kept.all()
+  # Each token's router entropy over 4 experts lies in [0, ln 4], recorded for all.
+  assert b.router_entropy.shape == (2, TOKENS)
+  assert np.all((b.router_entropy >= 0) & (b.router_entropy <= np.log(4) + 1e-5))
   data = json.load(open(os.path.join(out, "analysis.json"), encoding="utf-8"))
   assert data["steps"] == [10, 20] and data["tokens"] == TOKENS
   move = data["fluctuation"][0]
@@ -73,6 +76,8 @@ def test_analyze_writes_traces_report_and_plots(analyzed):
   np.testing.assert_allclose(move["top1_changed"], changed, rtol=1e-6)
   load = np.bincount(b.experts[0].reshape(-1), minlength=4)
   assert data["layers"]["layer_0"]["load"] == load.tolist()
+  np.testing.assert_allclose(data["balance_over_checkpoints"]["router_entropy"][1],
+                             b.router_entropy.mean(axis=1), rtol=1e-5)
   report = open(os.path.join(out, "analysis.md"), encoding="utf-8").read()
   assert "## Local routing consistency" in report and "layer_0->layer_1" in report
   assert "10 -> 20" in report

@@ -17,6 +17,7 @@ Shapes: T tokens, E experts, Y layers.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -98,8 +99,6 @@ def shuffled_information(trace: RoutingTrace, layer: int, repeats: int = 5,
   for _ in range(repeats):
     experts = trace.experts.copy()
     experts[layer + 1] = experts[layer + 1][rng.permutation(trace.num_tokens)]
-    shuffled = RoutingTrace(experts, trace.weights, trace.kept, trace.token_ids,
-                            trace.positions, trace.sequence_ids, trace.domains,
-                            trace.num_experts, trace.meta)
+    shuffled = dataclasses.replace(trace, experts=experts)
     values.append(conditional_entropy(shuffled, layer).information)
   return float(np.mean(values))

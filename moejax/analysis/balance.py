@@ -84,14 +84,17 @@ def max_violation_interval(trace: RoutingTrace, layer: int, num_resamples: int =
 
 
 class BalanceHistory(NamedTuple):
-  """Per checkpoint (sorted by step): steps int[N], MaxVio and CV float[N, Y]."""
+  """Per checkpoint (sorted by step): steps int[N], MaxVio, CV and the mean
+  router entropy (nats; NaN where the traces did not record it) float[N, Y]."""
   steps: np.ndarray
   max_violation: np.ndarray
   load_cv: np.ndarray
+  router_entropy: np.ndarray
 
 
 def balance_over_checkpoints(traces: Sequence[RoutingTrace]) -> BalanceHistory:
-  """MaxVio and CV of every layer at every checkpoint, ordered by meta["step"].
+  """MaxVio, CV and router entropy of every layer at every checkpoint, ordered by
+  meta["step"].
 
   ValueError if a trace has no int meta["step"], two share a step, or they
   traced different tokens or models (`trace.same_tokens`).
@@ -111,4 +114,14 @@ def balance_over_checkpoints(traces: Sequence[RoutingTrace]) -> BalanceHistory:
   order = np.argsort(steps)
   loads = np.array([[expert_load(traces[i], y) for y in range(traces[i].num_layers)]
                     for i in order], np.int64).reshape(len(traces), traces[0].num_layers, -1)
-  return BalanceHistory(np.array(steps, np.int64)[order], _max_violation(loads), _cv(loads))
+  entropy = np.array([_nanmean_rows(traces[i].router_entropy) for i in order], np.float64)
+  return BalanceHistory(np.array(steps, np.int64)[order], _max_violation(loads), _cv(loads),
+                        entropy.reshape(len(traces), traces[0].num_layers))
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+  """Mean of each row over its finite entries; NaN for a row without any."""
+  finite = np.isfinite(values)
+  counts = finite.sum(axis=1)
+  sums = np.where(finite, values, 0.0).sum(axis=1)
+  return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax.analysis.trace import RoutingTrace, from_plans
@@ -21,12 +22,17 @@ from moejax.analysis.trace import RoutingTrace, from_plans
 
 def layer_plans(aux: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
   """Per MoE layer: token, expert, weight (the router's, before capacity),
-  selected (valid before capacity) and kept (valid after), each [A]."""
+  selected (valid before capacity) and kept (valid after), each [A], and
+  `entropy` [T], each token's router entropy in nats (NaN without probs)."""
   out = {}
   for name, a in aux.items():
     routed = a.plan if a.routed_plan is None else a.routed_plan
     out[name] = {"token": routed.token, "expert": routed.expert, "weight": routed.weight,
                  "selected": routed.valid, "kept": a.plan.valid}
+    if a.probs is not None:
+      p = a.probs.astype(jnp.float32)
+      out[name]["entropy"] = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)),
+                                                0.0), axis=-1)
   return out
 
 
@@ -54,11 +60,13 @@ def trace_batches(route: Callable[[dict[str, np.ndarray]], Mapping[str, Any]],
     for name, plan in plans.items():
       token = index[np.asarray(plan["token"])]
       keep = token >= 0
+      entropy = (np.asarray(plan["entropy"], np.float32).reshape(-1)[real] if "entropy" in plan
+                 else np.full(int(real.sum()), np.nan, np.float32))
       layers.setdefault(name, []).append({
           "token": token[keep], "expert": np.asarray(plan["expert"])[keep],
           "weight": np.asarray(plan["weight"])[keep],
           "selected": np.asarray(plan["selected"])[keep],
-          "kept": np.asarray(plan["kept"])[keep]})
+          "kept": np.asarray(plan["kept"])[keep], "entropy": entropy})
     row_of = np.repeat(np.arange(batch) + row_offset, length)[real]
     columns["token_ids"].append(np.asarray(rows["inputs"]).reshape(-1)[real])
     columns["positions"].append(np.asarray(rows["positions"]).reshape(-1)[real])
@@ -72,9 +80,10 @@ def trace_batches(route: Callable[[dict[str, np.ndarray]], Mapping[str, Any]],
     raise ValueError("no tokens to trace: the evaluation data gave no real tokens")
   total = seen if max_tokens is None else min(seen, max_tokens)
   names = sorted(layers, key=_layer_order)
-  plans = []
+  plans, entropies = [], []
   for name in names:
     parts = layers[name]
+    entropies.append(np.concatenate([p.pop("entropy") for p in parts])[:total])
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     keep = merged["token"] < total
     plans.append({k: v[keep] for k, v in merged.items()})
@@ -91,7 +100,8 @@ def trace_batches(route: Callable[[dict[str, np.ndarray]], Mapping[str, Any]],
       positions=np.concatenate(columns["positions"])[:total].astype(np.int32),
       sequence_ids=rank[inverse.reshape(-1)].astype(np.int32),
       domains=np.concatenate(columns["domains"])[:total].astype(np.int32),
-      num_experts=num_experts, meta={**(meta or {}), "layers": names, "tokens": total})
+      num_experts=num_experts, meta={**(meta or {}), "layers": names, "tokens": total},
+      router_entropy=np.stack(entropies).astype(np.float32))
 
 
 def _layer_order(name: str) -> tuple[int, str]:

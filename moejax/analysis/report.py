@@ -105,7 +105,7 @@ def figures(traces: Sequence[RoutingTrace]) -> dict[str, Any]:
     history = balance.balance_over_checkpoints(traces)
     out["balance_over_checkpoints"] = {
         "steps": history.steps.tolist(), "max_violation": history.max_violation.tolist(),
-        "load_cv": history.load_cv.tolist(),
+        "load_cv": history.load_cv.tolist(), "router_entropy": history.router_entropy.tolist(),
         "load": [[balance.expert_load(t, i).tolist() for i in range(t.num_layers)]
                  for t in traces]}
   return _plain(out)
@@ -242,10 +242,15 @@ def _markdown(data: dict, plots: dict[str, str], config: Optional[dict],
                    " | ".join(_fmt(v) for v in move["top1_changed"]) +
                    f" | {_fmt(float(np.mean(move['jaccard'])))} |")
     hist = data["balance_over_checkpoints"]
-    lines += ["", "| step | " + " | ".join(f"{n} MaxVio" for n in names) + " |",
-              "|---|" + "---|" * len(names)]
-    for step, row in zip(hist["steps"], hist["max_violation"]):
-      lines.append(f"| {step} | " + " | ".join(_fmt(v) for v in row) + " |")
+    lines += ["", "Balance over training (\"Three Phases of Expert Routing\", 2025: a surge, "
+              "stabilisation, then relaxation):", "",
+              "| step | " + " | ".join(f"{n} MaxVio | {n} load CV | {n} router entropy"
+                                      for n in names) + " |",
+              "|---|" + "---|" * (3 * len(names))]
+    for i, step in enumerate(hist["steps"]):
+      cells = [f"{_fmt(hist['max_violation'][i][y])} | {_fmt(hist['load_cv'][i][y])} | "
+               f"{_fmt(hist['router_entropy'][i][y])}" for y in range(len(names))]
+      lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines.append("")
     for key, title in (("fluctuation", "Fluctuation"), ("load", "Load over checkpoints")):
       if key in plots:

@@ -16,6 +16,8 @@ with a variable count: the largest count seen):
   positions      int32[T]         position in the sequence
   sequence_ids   int32[T]         which sequence of the evaluation set
   domains        int32[T]         the domain label, -1 where the data has none
+  router_entropy float32[Y, T]    entropy of each token's router distribution
+                                  in nats (NaN where not recorded)
   num_experts    E                routed experts per layer
   meta           step, dataset, split, router, top_k, layer names, model digest
 
@@ -51,9 +53,15 @@ class RoutingTrace:
   domains: np.ndarray
   num_experts: int
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  router_entropy: Optional[np.ndarray] = None
 
   def __post_init__(self):
     y, t, k = self.experts.shape
+    if self.router_entropy is None:
+      object.__setattr__(self, "router_entropy", np.full((y, t), np.nan, np.float32))
+    if self.router_entropy.shape != (y, t):
+      raise ValueError(f"trace router_entropy has shape {self.router_entropy.shape}, "
+                       f"expected {(y, t)}")
     for name in ("weights", "kept"):
       if getattr(self, name).shape != (y, t, k):
         raise ValueError(f"trace {name} has shape {getattr(self, name).shape}, "
@@ -91,7 +99,8 @@ class RoutingTrace:
     names = self.layer_names
     return dataclasses.replace(
         self, experts=self.experts[index:index + 1], weights=self.weights[index:index + 1],
-        kept=self.kept[index:index + 1], meta={**self.meta, "layers": [names[index]]})
+        kept=self.kept[index:index + 1], router_entropy=self.router_entropy[index:index + 1],
+        meta={**self.meta, "layers": [names[index]]})
 
   def sequences(self) -> list[np.ndarray]:
     """Indices into T of each sequence's tokens, in position order."""
@@ -144,7 +153,7 @@ def save(trace: RoutingTrace, path: str) -> str:
       tmp, experts=trace.experts, weights=trace.weights, kept=trace.kept,
       token_ids=trace.token_ids, positions=trace.positions,
       sequence_ids=trace.sequence_ids, domains=trace.domains,
-      num_experts=np.int64(trace.num_experts),
+      router_entropy=trace.router_entropy, num_experts=np.int64(trace.num_experts),
       meta=np.frombuffer(json.dumps({"version": FORMAT_VERSION, **trace.meta},
                                     sort_keys=True).encode(), np.uint8))
   os.replace(tmp, path)
@@ -171,7 +180,8 @@ def load(path: str) -> RoutingTrace:
       experts=arrays["experts"], weights=arrays["weights"], kept=arrays["kept"],
       token_ids=arrays["token_ids"], positions=arrays["positions"],
       sequence_ids=arrays["sequence_ids"], domains=arrays["domains"],
-      num_experts=int(arrays["num_experts"]), meta=meta)
+      num_experts=int(arrays["num_experts"]), meta=meta,
+      router_entropy=arrays.get("router_entropy"))
 
 
 def same_tokens(a: RoutingTrace, b: RoutingTrace, what: Optional[str] = None) -> None:
