@@ -27,7 +27,7 @@ LATEST_TESTS := tests/test_engines.py tests/test_layer.py tests/test_gmm.py \
   tests/test_package_boundaries.py tests/test_router_interface.py tests/test_drop_in.py \
   tests/test_train.py::test_loss_decreases_and_run_leaves_its_outputs
 
-.PHONY: run demo test test-latest install install-latest bench clean
+.PHONY: run demo analyze test test-latest install install-latest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ run: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m moejax.demo
+
+# The routing analysis of the `make run` workdir: <workdir>/analysis/analysis.md.
+analyze: $(STAMP)
+	$(PY) -m moejax.analyze --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(PY) $(PYTEST) tests
