@@ -10,7 +10,9 @@ Trains configs/router_zoo.py:<router> (lm_tiny, E = 8, 2 expert rows per token o
 finished run saved to <out>.json at once, a rerun resuming the grid. Per run:
 
   loss, bits/byte   validation (the whole split), after the last step
-  tokens/s          training, median over logging windows (shared machine)
+  tokens/s          training, median over logging windows (kept in the JSON; the
+                    report's cost comes from experiments/zoo_throughput.py, timed
+                    interleaved at initialisation and trained)
   MaxVio            training (last quarter of the logged steps) and validation, mean
                     over layers (soft: of its summary plan, see the report)
   dropped share     training, same average
@@ -229,15 +231,14 @@ def write_report(path: str, data, args) -> None:
       "deviation and does not hold when it lies above 0; targets (relu's sparsity at "
       f"least 0.75 less {SPARSITY_SLACK}, null_experts' FLOPs ratio below 1) use the t "
       "interval of the figure's own mean; fewer than 2 seeds: "
-      "cannot tell. Tokens/s is the median over logging windows of each run, shown as the "
-      "range over seeds (a shared machine: indicative only). Experts per token at "
-      "initialisation is that of the first logged training window.", ""]
+      "cannot tell. Experts per token at initialisation is that of the first logged "
+      "training window. Training cost: see the interleaved timing below the tables.", ""]
   for dataset in harness.datasets_with_runs(data):
     loss = harness.compare(data, "loss", dataset)
     lines += [f"## {dataset}", "",
               "| router | causality | seeds | val loss mean ± sd [min, max] | Δ loss vs topk "
-              "[95% CI] | experts/token init → trained (eval) | MaxVio train | tokens/s "
-              "[min, max] | claim | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "[95% CI] | experts/token init → trained (eval) | MaxVio train | claim | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for router in data["arms"]:
       runs = [r for r in data["runs"] if r["arm"] == router and r["dataset"] == dataset]
       if not runs:
@@ -245,7 +246,6 @@ def write_report(path: str, data, args) -> None:
       s = loss[router]["spread"]
       m = lambda name: harness.spread(
           [v for v in (harness.figure(r, name) for r in runs) if v is not None])
-      tps = m("tokens_per_s")
       tests = claims(data, dataset, router)
       claim_text = "; ".join(f"{label(t['figure'])} {t['claim']}: {t['verdict']} "
                              f"({'' if ' than ' in t['claim'] else 'mean '}"
@@ -257,14 +257,46 @@ def write_report(path: str, data, args) -> None:
           f"{f(s['std'], 4)} [{f(s['min'], 4)}, {f(s['max'], 4)}] | "
           f"{fi(loss[router]['paired'])} | {f(m('experts_per_token_init')['mean'], 2)} → "
           f"{f(m('experts_per_token_train')['mean'], 2)} ({f(m('experts_per_token_eval')['mean'], 2)}) | "
-          f"{f(m('max_violation_train')['mean'])} | [{f(tps['min'], 0)}, {f(tps['max'], 0)}] | "
+          f"{f(m('max_violation_train')['mean'])} | "
           f"{claim_text} | {verdict_text if tests else 'baseline'} |")
     lines.append("")
+  lines += throughput_lines()
   lines += ["## Claims", "", *[f"- {claim}" for claim in CLAIMS], "",
             "What this scale cannot test: 600 steps of a 2-block, 8-expert byte-level LM on "
             "CPU. Claims about large models, long training or throughput on accelerators "
             "are out of its reach; a verdict here is about this setting only.", ""]
   harness.write_report(path, lines, harness.digest(data["runs"]))
+
+
+THROUGHPUT = os.path.join(REPO, "experiments", "results", "zoo_throughput.json")
+
+
+def throughput_lines() -> list[str]:
+  """The training cost section, from zoo_throughput.json (experiments/zoo_throughput.py)."""
+  if not os.path.exists(THROUGHPUT):
+    return ["## Training cost", "", "Not measured yet: run experiments/zoo_throughput.py.", ""]
+  data = harness.load(THROUGHPUT)
+  meta, f = data["meta"], harness.fmt
+  rows = {(r["router"], r["state"]): r for r in data["results"]}
+  lines = ["## Training cost, interleaved", "",
+           f"`{meta['command']}`: the full train step of each router's run on "
+           f"{meta['dataset']} (seed {meta['seed']}), with its initial and its trained "
+           f"state, timed round-robin in one process ({meta['rounds']} rounds of "
+           f"{meta['steps_per_round']} steps each). Tokens/s: median over rounds "
+           "[interquartile range]; × topk: median of the per-round ratio to topk at the "
+           f"same state. Machine: {meta['machine']}.", "",
+           "| router | experts/token init → trained | tokens/s init | tokens/s trained | "
+           "× topk init | × topk trained |", "|---|---|---|---|---|---|"]
+  for router in dict.fromkeys(r for r, _ in rows):
+    init, trained = rows.get((router, "init")), rows.get((router, "trained"))
+    if init is None or trained is None:
+      continue
+    cell = lambda r: (f"{f(r['tokens_per_s_median'], 0)} [{f(r['tokens_per_s_q1'], 0)}, "
+                      f"{f(r['tokens_per_s_q3'], 0)}]")
+    lines.append(f"| {router} | {f(init['experts_per_token'], 2)} → "
+                 f"{f(trained['experts_per_token'], 2)} | {cell(init)} | {cell(trained)} | "
+                 f"{f(init['ratio_to_topk'], 2)} | {f(trained['ratio_to_topk'], 2)} |")
+  return lines + [""]
 
 
 def write_plot(path: str, data) -> None:
