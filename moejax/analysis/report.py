@@ -274,11 +274,11 @@ def _end_ratio(by_position: list) -> Optional[float]:
 
 
 def _plots(directory: str, data: dict) -> dict[str, str]:
-  """PNG plots; {} where matplotlib is not installed."""
+  """PNG plots; {} where matplotlib is not installed. Figures are drawn without
+  pyplot, so no backend is chosen for the process (a notebook keeps its inline
+  plots)."""
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   except ImportError:
     return {}
   layers, out = data["layers"], {}
@@ -287,10 +287,10 @@ def _plots(directory: str, data: dict) -> dict[str, str]:
   def save(fig, name):
     fig.tight_layout()
     fig.savefig(os.path.join(directory, f"{name}.png"), dpi=90)
-    plt.close(fig)
     out[name] = f"{name}.png"
 
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
   for name in names:
     sch = layers[name]["sch"]
     ax.plot(sch["m"], sch["hit_rate"], marker="o", label=name)
@@ -303,7 +303,8 @@ def _plots(directory: str, data: dict) -> dict[str, str]:
     if not matrices:
       return
     n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    fig = Figure(figsize=(3.6 * n, 3.4))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, (label, matrix) in zip(axes[0], matrices.items()):
       image = ax.imshow(np.asarray(matrix, float), cmap="viridis", vmin=0)
       ax.set(title=label, xlabel=xlabel, ylabel=ylabel)
@@ -317,7 +318,8 @@ def _plots(directory: str, data: dict) -> dict[str, str]:
   heatmaps(data["coactivation"], "Share of tokens routed to both experts", "expert",
            "expert", "coactivation")
 
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
   factor = str(CAPACITY_FACTORS[0])
   for name in names:
     values = [np.nan if v is None else v
@@ -329,7 +331,8 @@ def _plots(directory: str, data: dict) -> dict[str, str]:
   save(fig, "drops")
 
   if "fluctuation" in data:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     steps = [m["to"] for m in data["fluctuation"]]
     for i, name in enumerate(names):
       ax.plot(steps, [m["top1_changed"][i] for m in data["fluctuation"]], marker="o",

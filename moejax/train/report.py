@@ -16,12 +16,13 @@ import numpy as np
 
 
 def write_heatmap(path: str, loads: dict[str, np.ndarray]) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot: no backend is chosen for the process (a notebook
+  # keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   layers = sorted(loads, key=lambda name: int(name.split("_")[-1]))
   share = np.stack([loads[l] / max(loads[l].sum(), 1e-9) for l in layers])
-  fig, ax = plt.subplots(figsize=(max(4, 0.4 * share.shape[1] + 2), 0.5 * len(layers) + 1.5))
+  fig = Figure(figsize=(max(4, 0.4 * share.shape[1] + 2), 0.5 * len(layers) + 1.5))
+  ax = fig.subplots()
   image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
   ax.set_xlabel("expert")
   ax.set_ylabel("MoE layer")
@@ -30,7 +31,6 @@ def write_heatmap(path: str, loads: dict[str, np.ndarray]) -> None:
   fig.colorbar(image, ax=ax)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def write_report(workdir: str, step: int, evaluation: dict[str, Any]) -> str:
