@@ -70,7 +70,8 @@ def run_config(arm: str, dataset: str, seed: int, steps: int, data_dir: str):
   elif arm == "global_balance":
     topk.balance_scope = "global"
   elif arm == "hash":
-    moe.router = "hash"
+    moe.router = "hash"      # fixed routing: no balance or z loss to weight
+    moe.loss_weights.switch, moe.loss_weights.z = None, None
   elif arm == "shared":
     moe.num_experts, moe.top_k, moe.num_shared_experts = 7, 1, 1
   config.data.name, config.data.data_dir, config.seed = dataset, data_dir, seed
