@@ -6,9 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/lm_tiny
-# pytest-xdist workers; test files stay whole on one worker (module fixtures run once).
+# pytest-xdist workers; test files stay whole on one worker (module fixtures run once),
+# handed out in collection order: tests/conftest.py puts the longest files first.
 TEST_WORKERS ?= 2
-PYTEST = -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST = -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python

@@ -34,7 +34,7 @@ setup(
         # tensorboard: tests read the event files as TensorBoard does (its purges included).
         # nbclient, nbformat, ipykernel: tests/test_notebooks.py runs colab/*.ipynb (which
         # also need matplotlib: in `data`, installed with `dev` by `make test`, and here).
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "chex>=0.1.87",
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.6", "hypothesis>=6.100", "chex>=0.1.87",
                 "tensorboard>=2.15", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
                 "matplotlib>=3.8"],
     },

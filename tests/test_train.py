@@ -132,24 +132,6 @@ def test_killed_run_resumes_with_identical_losses(tfds_dir, tmp_path):
                                   reference=straight)
 
 
-@pytest.mark.slow
-def test_eight_device_data_parallel_matches_one_device(tfds_dir, tmp_path):
-  """With the global balance scope the 8-device run computes the 1-device loss
-  (the micro-batch scope balances each device's shard, so there they differ)."""
-  overrides = {"train.steps": 8, "train.eval_every": 8, "train.checkpoint_every": 8,
-               "moe.topk.balance_scope": "global"}
-  losses = {}
-  for devices in (1, 8):
-    workdir = str(tmp_path / f"devices{devices}")
-    result = subprocess.run(main_command(workdir, tfds_dir, **overrides), env=subprocess_env(devices),
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{devices} device(s)" in result.stderr
-    losses[devices] = train_losses(workdir)
-  np.testing.assert_allclose([losses[8][s] for s in range(1, 9)],
-                             [losses[1][s] for s in range(1, 9)], rtol=2e-4)
-
-
 TINY_BUILDER = """
 import tensorflow_datasets as tfds
 
