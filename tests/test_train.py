@@ -85,12 +85,12 @@ def test_rerunning_a_finished_run_evaluates_it_again(seed0_run, tfds_dir, tmp_pa
   assert 2 * 256 < evaluation["tokens"] <= 4 * 256 and seed0_run[1]["tokens"] <= 2 * 256
 
 
-def test_same_seed_same_losses_other_seed_other_losses(seed0_run, tfds_dir, tmp_path):
+def test_other_seed_other_losses(seed0_run, tfds_dir, tmp_path):
+  """Another seed gives other losses at every step. That the same seed gives the same
+  losses is checked by test_killed_run_resumes_with_identical_losses, whose straight
+  and killed runs agree from step 1."""
   workdir, _ = seed0_run
-  again = str(tmp_path / "again")
-  train(tiny_config(tfds_dir), again, progress=False)
   first = train_losses(workdir)
-  assert train_losses(again) == first
   other = str(tmp_path / "other")
   train(tiny_config(tfds_dir, seed=1), other, progress=False)
   assert all(train_losses(other)[s] != first[s] for s in range(1, 21))
