@@ -61,13 +61,14 @@ MODES = [(n, False) for n in routers.names()] + [(n, True) for n in EVAL_DIFFERS
                          ids=[f"{n}-{'eval' if d else 'train'}" for n, d in MODES])
 def test_every_router_on_every_engine_matches_loop(name, deterministic):
   """y, the total loss and the gradients for x and every parameter equal the
-  loop oracle's, for every engine and backend."""
+  loop oracle's, for every engine and backend. At evaluation these routers route
+  plain top-K, a plan every engine already meets in topk's case: one engine there."""
   x, ctx = _inputs()
   variables = _variables(name)
   (want_loss, (want_y, _)), want_grads = _value_and_grads(_layer(name), variables, x, ctx,
                                                            deterministic)
   assert float(jnp.max(jnp.abs(want_y))) > 0, "the oracle's output is all zero"
-  for engine, backend in ENGINES:
+  for engine, backend in (ENGINES[1:2] if deterministic else ENGINES):
     layer = _layer(name, engine, backend)
     (got_loss, (got_y, _)), got_grads = _value_and_grads(layer, variables, x, ctx,
                                                          deterministic)
