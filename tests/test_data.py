@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -153,17 +154,24 @@ def test_eval_pass_reads_every_token_once(tfds_dir, input_shards):
 
 
 class _RecordingSource:
-  """A data source that records which records are read."""
+  """A data source that records which records are read. The pipeline's prefetch
+  threads keep reading after the test has its batches: `snapshot()` copies the
+  indices read so far under the lock they add with."""
 
   def __init__(self, source):
-    self.source, self.read = source, set()
+    self.source, self._read, self._lock = source, set(), threading.Lock()
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
-    self.read.add(int(index))
+    with self._lock:
+      self._read.add(int(index))
     return self.source[index]
+
+  def snapshot(self) -> set[int]:
+    with self._lock:
+      return set(self._read)
 
 
 def _read(spec, process, monkeypatch, batches: int = 3):
@@ -176,7 +184,7 @@ def _read(spec, process, monkeypatch, batches: int = 3):
 
   monkeypatch.setattr(builders, "data_source", recording)
   dataset = data.make_dataset(spec, process=process)
-  return dataset.shards, [b for _, b in zip(range(batches), dataset)], sources[0].read
+  return dataset.shards, [b for _, b in zip(range(batches), dataset)], sources[0].snapshot()
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

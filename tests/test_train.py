@@ -102,7 +102,7 @@ def test_killed_run_resumes_with_identical_losses(tfds_dir, tmp_path):
   losses after the resume also show that the `routing` collection was restored.
   The steps logged after the last checkpoint are dropped and logged again: each
   step appears once in metrics.jsonl and in TensorBoard, as in the straight run."""
-  overrides = {"train.steps": 40, "train.checkpoint_every": 5, "train.eval_every": 40,
+  overrides = {"train.steps": 24, "train.checkpoint_every": 5, "train.eval_every": 24,
                "moe.topk.aux_free": True, "moe.topk.bias_rate": 0.05}
   straight = str(tmp_path / "straight")
   subprocess.run(main_command(straight, tfds_dir, **overrides), env=subprocess_env(),
@@ -120,15 +120,15 @@ def test_killed_run_resumes_with_identical_losses(tfds_dir, tmp_path):
     time.sleep(0.02)
   assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
   interrupted_at = max(train_losses(killed))
-  assert interrupted_at < 40
+  assert interrupted_at < 24
   resumed = subprocess.run(command, env=subprocess_env(), cwd=REPO, check=True,
                            capture_output=True, text=True)
   assert "resumed from checkpoint at step" in resumed.stderr
   want, got = train_losses(straight), train_losses(killed)
-  assert sorted(got) == list(range(1, 41))
-  assert all(got[s] == want[s] for s in range(1, 41)), [
-      (s, got[s], want[s]) for s in range(1, 41) if got[s] != want[s]]
-  assert_logs_hold_each_step_once(killed, {"train": list(range(1, 41)), "eval": [40]},
+  assert sorted(got) == list(range(1, 25))
+  assert all(got[s] == want[s] for s in range(1, 25)), [
+      (s, got[s], want[s]) for s in range(1, 25) if got[s] != want[s]]
+  assert_logs_hold_each_step_once(killed, {"train": list(range(1, 25)), "eval": [24]},
                                   reference=straight)
 
 
