@@ -33,7 +33,6 @@ CPU at 600 steps.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -191,18 +190,9 @@ def write_report(path: str, data, args) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  harness.add_grid_arguments(parser, baseline="none")
-  parser.add_argument("--datasets", default=",".join(DATASETS))
-  parser.add_argument("--methods", default="all")
-  harness.add_path_arguments(parser, "balance")
-  args = parser.parse_args()
-  datasets = harness.chosen(parser, "datasets", args.datasets, DATASETS)
-  methods = harness.chosen(parser, "methods", args.methods, METHODS, required="none")
-  harness.run_or_load(parser, args, "balance", methods, "none", datasets,
-                      lambda arm, dataset, seed: run(arm, dataset, seed, args),
-                      lambda data: write_report(args.out + ".md", data, args),
-                      harness.machine_description())
+  harness.grid_main(__doc__.splitlines()[0], "balance", "none", METHODS, DATASETS, run,
+                    lambda data, args: write_report(args.out + ".md", data, args),
+                    arms_flag="methods")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ t intervals against m1 (and mX_shared against mX). About 3.5 minutes per run on 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -128,18 +127,8 @@ def write_report(path: str, data, args) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  harness.add_grid_arguments(parser, baseline="m1")
-  parser.add_argument("--datasets", default=",".join(DATASETS))
-  parser.add_argument("--arms", default="all")
-  harness.add_path_arguments(parser, "granularity")
-  args = parser.parse_args()
-  datasets = harness.chosen(parser, "datasets", args.datasets, DATASETS)
-  arms = harness.chosen(parser, "arms", args.arms, ARMS, required="m1")
-  harness.run_or_load(parser, args, "granularity", arms, "m1", datasets,
-                      lambda arm, dataset, seed: run(arm, dataset, seed, args),
-                      lambda data: write_report(args.out + ".md", data, args),
-                      harness.machine_description())
+  harness.grid_main(__doc__.splitlines()[0], "granularity", "m1", ARMS, DATASETS, run,
+                    lambda data, args: write_report(args.out + ".md", data, args))
 
 
 if __name__ == "__main__":

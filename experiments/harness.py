@@ -36,6 +36,7 @@ rereads the numbers and updates the digest.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -368,6 +369,8 @@ def run_or_load(parser, args, name: str, arms: Sequence[str], baseline: str,
   if args.seeds < 1 or args.baseline_seeds < 1:
     parser.error("--seeds and --baseline_seeds must be at least 1")
   if args.report_only:
+    if not os.path.exists(args.out + ".json"):
+      parser.error(f"--report_only: {args.out}.json does not exist; run the grid first")
     data = load(args.out + ".json")
   else:
     grid = Grid(name=name, arms=arms, baseline=baseline, datasets=datasets,
@@ -377,6 +380,26 @@ def run_or_load(parser, args, name: str, arms: Sequence[str], baseline: str,
   write(data)
   print(f"[{name}] wrote {args.out}.md", file=sys.stderr)
   return data
+
+
+def grid_main(description: str, name: str, baseline: str, arms: Sequence[str],
+              datasets: Sequence[str], run: Callable[[str, str, int, Any], Mapping[str, Any]],
+              write: Callable[[dict[str, Any], Any], None], arms_flag: str = "arms",
+              default_baseline_seeds: int = 5) -> dict[str, Any]:
+  """The command line of a grid of trainer runs: --steps, --seeds, --baseline_seeds,
+  --report_only, --datasets, --<arms_flag>, --out, --workdir, --data_dir; then
+  run_or_load with run(arm, dataset, seed, args) and write(data, args)."""
+  parser = argparse.ArgumentParser(description=description)
+  add_grid_arguments(parser, baseline=baseline, default_baseline_seeds=default_baseline_seeds)
+  parser.add_argument("--datasets", default=",".join(datasets))
+  parser.add_argument(f"--{arms_flag}", default="all")
+  add_path_arguments(parser, name)
+  args = parser.parse_args()
+  picked_datasets = chosen(parser, "datasets", args.datasets, datasets)
+  picked_arms = chosen(parser, arms_flag, getattr(args, arms_flag), arms, required=baseline)
+  return run_or_load(parser, args, name, picked_arms, baseline, picked_datasets,
+                     lambda arm, dataset, seed: run(arm, dataset, seed, args),
+                     lambda data: write(data, args), machine_description())
 
 
 def machine_description() -> str:

@@ -39,7 +39,6 @@ About 3 minutes per run on a 2-core CPU at 600 steps, analysis included.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any
@@ -266,18 +265,9 @@ def write_report(path: str, data, args) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  harness.add_grid_arguments(parser, baseline="switch", default_baseline_seeds=3)
-  parser.add_argument("--datasets", default=",".join(DATASETS))
-  parser.add_argument("--arms", default="all")
-  harness.add_path_arguments(parser, "routing_analysis")
-  args = parser.parse_args()
-  datasets = harness.chosen(parser, "datasets", args.datasets, DATASETS)
-  arms = harness.chosen(parser, "arms", args.arms, ARMS, required="switch")
-  harness.run_or_load(parser, args, "routing_analysis", arms, "switch", datasets,
-                      lambda arm, dataset, seed: run(arm, dataset, seed, args),
-                      lambda data: write_report(args.out + ".md", data, args),
-                      harness.machine_description())
+  harness.grid_main(__doc__.splitlines()[0], "routing_analysis", "switch", ARMS, DATASETS, run,
+                    lambda data, args: write_report(args.out + ".md", data, args),
+                    default_baseline_seeds=3)
 
 
 if __name__ == "__main__":

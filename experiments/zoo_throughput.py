@@ -64,7 +64,7 @@ def build(router: str, args):
   with jax.set_mesh(mesh):
     initial, _ = init_state(model, tx, config, mesh)
     checkpointer = Checkpointer(workdir, t.keep_checkpoints)
-    trained = checkpointer.restore_state(max(steps), abstract_like(initial))
+    trained = checkpointer.restore(max(steps), abstract_like(initial))
     checkpointer.close()
   batch = next(iter(make_dataset(setup.pipeline_spec(config, config.data.train_split,
                                                      training=True), setup.tokenizer(config))))

@@ -18,6 +18,7 @@ overwritten).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -135,12 +136,7 @@ def _trace_from_checkpoints(workdir, steps, tokens, split, config, expected, log
   limit = -(-tokens // per_batch) + 1
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
-  @jax.jit
-  def route(state, rows):
-    variables = {"params": state.params, **({"routing": state.routing} if state.routing else {})}
-    _, aux = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
-                         deterministic=True)
-    return collect.layer_plans(aux)
+  route = jax.jit(functools.partial(collect.model_plans, model))
 
   with jax.set_mesh(mesh):
     state, _ = init_state(model, tx, config, mesh)
@@ -149,7 +145,7 @@ def _trace_from_checkpoints(workdir, steps, tokens, split, config, expected, log
     try:
       for step in steps:
         log(f"tracing step {step}: the first {tokens} tokens of {config.data.name}/{split}")
-        restored = checkpointer.restore_state(step, abstract)
+        restored = checkpointer.restore(step, abstract)
         batches = (split_batch(b) for b in eval_batches(spec, tokenizer, limit))
         trace = collect.trace_batches(
             lambda rows, s=restored: route(s, rows), batches, model.moe.routed_experts, tokens,
@@ -208,7 +204,7 @@ def main(argv=None) -> int:
   try:
     path = analyze(args.workdir, args.step, args.tokens, args.split,
                    log=lambda line: print(line, file=sys.stderr, flush=True))
-  except (AnalyzeError, ValueError) as e:
+  except ValueError as e:    # AnalyzeError and the library's own bad-input errors
     print(f"analyze error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
   print(path)

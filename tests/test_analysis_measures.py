@@ -535,12 +535,13 @@ def test_affinity_and_coactivation_invariants(trace):
 
 @hypothesis.given(random_traces())
 def test_diversity_and_load_invariants(trace):
-  combos = [distinct_combinations(trace, y).count for y in range(trace.num_layers)]
-  paths = distinct_paths(trace).count
-  assert 1 <= max(combos) <= paths <= trace.num_tokens
-  naive = {tuple(frozenset(int(e) for e in trace.experts[y, t] if e >= 0)
-                 for y in range(trace.num_layers)) for t in range(trace.num_tokens)}
-  assert paths == len(naive)
+  sets = [[frozenset(int(e) for e in trace.experts[y, t] if e >= 0)
+           for t in range(trace.num_tokens)] for y in range(trace.num_layers)]
+  for y in range(trace.num_layers):
+    got = distinct_combinations(trace, y)
+    assert got.count == len(set(sets[y]))
+    np.testing.assert_allclose(got.share, len(set(sets[y])) / trace.num_tokens)
+  assert distinct_paths(trace).count == len(set(zip(*sets)))
   counts = expert_load(trace, 0)
   assert counts.sum() == np.sum(trace.kept[0] & (trace.experts[0] >= 0))
   if counts.sum() > 0:

@@ -138,3 +138,36 @@ def test_claims_between_any_two_arms(tmp_path):
   assert harness.claim(data, "loss", "d", "c", "b", "lower")["verdict"] == "does not hold"
   out = harness.claim(data, "loss", "d", "c", "b", "no_worse")
   assert out["verdict"] == "does not hold" and out["interval"]["seeds"] == [0, 1, 2]
+
+
+def test_grid_main_runs_the_chosen_cells_and_refuses_a_missing_report(tmp_path, monkeypatch,
+                                                                       capsys):
+  out = str(tmp_path / "grid")
+  calls, written = [], []
+
+  def run(arm, dataset, seed, args):
+    calls.append((arm, dataset, seed, args.steps))
+    return {"final": {"loss": 1.0 + seed}}
+
+  def main(*argv):
+    monkeypatch.setattr(sys, "argv", ["grid", "--out", out, *argv])
+    return harness.grid_main("a grid", "grid", "base", ("base", "other", "third"),
+                             ("d1", "d2"), run, lambda data, args: written.append(args.out),
+                             arms_flag="methods", default_baseline_seeds=3)
+
+  with pytest.raises(SystemExit):
+    main("--report_only")
+  assert "--report_only: " + out + ".json does not exist" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main("--methods", "other")                      # the baseline must be chosen
+  assert "--methods must include base" in capsys.readouterr().err
+
+  data = main("--methods", "base,other", "--datasets", "d2", "--seeds", "2", "--steps", "7")
+  # Seed-major: base seeds 0-2 (3 by default), other seeds 0-1, all on d2 with 7 steps.
+  assert sorted(calls) == sorted([("base", "d2", s, 7) for s in range(3)]
+                                 + [("other", "d2", s, 7) for s in range(2)])
+  assert len(data["runs"]) == 5 and written and written[-1] == out
+  calls.clear()
+  main("--methods", "base,other", "--datasets", "d2", "--seeds", "2")   # resumes: nothing left
+  assert calls == []
+  assert len(main("--report_only")["runs"]) == 5

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from moejax import metrics
 from moejax.analysis.trace import RoutingTrace, from_plans
 
 
@@ -30,10 +30,17 @@ def layer_plans(aux: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
     out[name] = {"token": routed.token, "expert": routed.expert, "weight": routed.weight,
                  "selected": routed.valid, "kept": a.plan.valid}
     if a.probs is not None:
-      p = a.probs.astype(jnp.float32)
-      out[name]["entropy"] = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)),
-                                                0.0), axis=-1)
+      out[name]["entropy"] = metrics.row_entropy(a.probs)
   return out
+
+
+def model_plans(model, state, rows: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
+  """layer_plans of `model` (a TransformerLM) with the TrainState `state` on the
+  rows of split_batch, in evaluation mode (jit it)."""
+  variables = {"params": state.params, **({"routing": state.routing} if state.routing else {})}
+  _, aux = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
+                       deterministic=True)
+  return layer_plans(aux)
 
 
 def trace_batches(route: Callable[[dict[str, np.ndarray]], Mapping[str, Any]],

@@ -144,18 +144,14 @@ class Checkpointer:
           f"checkpoint {step} could not be written to {self.directory}: the disk is full "
           f"({_disk_full(e)}); {kept}; free space and rerun the same command") from e
 
-  def restore(self, step: int, abstract_state: Any, iterator: Any) -> Any:
-    """The state saved at `step` (shaped and sharded like abstract_state); the
-    iterator is moved to the saved position of its shards in place."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=InputShardsRestore(iterator)))
-    return restored["state"]
-
-  def restore_state(self, step: int, abstract_state: Any) -> Any:
-    """The state saved at `step` alone, without the data position (for analysis)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+  def restore(self, step: int, abstract_state: Any, iterator: Any = None) -> Any:
+    """The state saved at `step` (shaped and sharded like abstract_state). A given
+    iterator is moved to the saved position of its shards in place; without one
+    the state alone is read (analysis of a run)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if iterator is not None:
+      items["data"] = InputShardsRestore(iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def restore_latest(self, abstract_state: Any, iterator: Any) -> Resume:
     """Restores the newest checkpoint that can be read (see the module docstring).

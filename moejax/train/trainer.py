@@ -137,15 +137,9 @@ class RoutingProbe:
     self.meta = {"dataset": config.data.name, "split": config.data.eval_split}
     self.previous = None
 
-    def route(state, batch):
-      rows = split_batch(batch)
-      variables = {"params": state.params,
-                   **({"routing": state.routing} if state.routing else {})}
-      _, aux = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
-                           deterministic=True)
-      return collect.layer_plans(aux)
-
-    self.route = jax.jit(route, in_shardings=(shardings, batch_sharding))
+    self.route = jax.jit(lambda state, batch: collect.model_plans(model, state,
+                                                                  split_batch(batch)),
+                         in_shardings=(shardings, batch_sharding))
 
   def due(self, step: int) -> bool:
     return bool(self.every) and step % self.every == 0
