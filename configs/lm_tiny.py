@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
       activation="silu",
       tie_embeddings=True,
       dtype="float32",
+      # r adjacent MoE layers share one pool of r * E experts (ReXMoE; the
+      # `rexmoe` router grows each layer's candidates over it). 1: no sharing.
+      expert_reuse=1,
   ))
 
   config.moe = ml_collections.ConfigDict(dict(
@@ -85,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
       activation="silu",
       granularity=1,
       num_shared_experts=0,
+      chain=1,                        # Chain-of-Experts passes per layer (1: plain)
       use_bias=False,                 # expert biases
       dropout_rate=0.0,               # dropout on the experts' hidden activation
       # Weights of the router's losses (None: the router's defaults, for topk

@@ -168,6 +168,9 @@ class RoutingContext:
       tokens of the sequence must refuse it.
     data_shards: how many data-parallel shards the batch is split into, for the
       `microbatch` balance scope (what one device sees).
+    own_experts: with an expert pool shared by adjacent layers (ReXMoE), how many
+      of the router's experts, the first in its order, are this layer's own;
+      None without a pool.
   """
 
   positions: Optional[Array] = None
@@ -181,6 +184,7 @@ class RoutingContext:
   global_counts: Optional[Array] = None
   causal: bool = flax.struct.field(pytree_node=False, default=False)
   data_shards: int = flax.struct.field(pytree_node=False, default=1)
+  own_experts: Optional[int] = flax.struct.field(pytree_node=False, default=None)
 
   def restricted(self, fields) -> "RoutingContext":
     """This context with only `fields` (and segment_ids, layer, causal, data_shards:
@@ -189,7 +193,8 @@ class RoutingContext:
     keep = set(fields) | {"layer", "segment_ids"}
     return self.replace(**{f: None for f in ("positions", "segment_ids", "step", "attention",
                                              "carry", "token_ids", "capacity",
-                                             "global_counts") if f not in keep})
+                                             "global_counts", "own_experts")
+                                  if f not in keep})
 
   def token_mask(self, num_tokens: int) -> Array:
     """bool[T]: the real tokens of the flattened batch (segment id > 0); every

@@ -13,6 +13,31 @@ F -> F/m hidden width, so active and total FLOPs stay those of (E, K, F).
 Shared experts: K_s always-on experts of width F/m, run as one dense FFN of width
 K_s * F/m.
 
+Chain-of-Experts (Wang et al. 2025, "Chain-of-Experts: Unlocking the
+Communication Power of Mixture-of-Experts Models"): with `chain` I > 1 the layer
+runs I passes over the same experts, each with its own router (any registered
+one; the first is `router`, the others `router_1`, ...):
+
+  x_0 = x,  x_i = x_{i-1} + sum_e g_ie E_e(x_{i-1}) (+ shared experts of x_{i-1}),
+  y = x_I - x_0
+
+as the published code's inner residual, shared experts included in every pass.
+y leaves out x_0 so that the block's residual adds the chain's update once and
+I = 1 is the plain layer. Compute matches K per token at K/I per pass. The
+losses sum over the passes (each router balances its own pass, as in the
+published code); the metrics are the passes' mean; `plan`, `routed_plan` and
+`probs` are the first pass's, and ERC reads the first router. A router's carry
+passes from one pass to the next and on to the next layer.
+
+Expert reuse (ReXMoE, "ReXMoE: Reusing Experts with Minimal Overhead in
+Mixture-of-Experts", 2025): a model sets `expert_pool` (the mE * pool_layers
+experts of pool_layers adjacent MoE layers, one module shared by them) and the
+layer's `pool_position` j; the router then scores the whole pool, ordered from
+this layer's own mE experts (pool rows j*mE, ...) round the pool: its expert e is
+pool expert (e + j*mE) mod the pool size. The router learns the layer's own
+count as RoutingContext.own_experts (routers/rexmoe.py grows its candidates from
+them). The pool's stacked weights are rolled into that order per call.
+
 Besides the router's own losses the layer offers two, computed only when
 weighted (`loss_weights`):
   tsallis  balance.tsallis_entropy of the router distribution, q = tsallis_q,
@@ -178,6 +203,12 @@ class MoE(nn.Module):
       sows the weighted loss into the collection `moe_losses` and the metrics
       into `moe_metrics` (not at init); apply with mutable=moejax.SOWN and read
       them with moejax.sown_aux. Routers that hand a carry on need `return`.
+    chain: I, Chain-of-Experts passes over the same experts (1: plain).
+    expert_pool: the FFNWeights of a pool of pool_layers * mE experts shared
+      with adjacent layers (set by the model, see the module docstring), or None
+      for the layer's own experts.
+    pool_layers: r, the layers sharing expert_pool.
+    pool_position: j in [0, r), this layer's own experts in the pool.
   """
 
   num_experts: int
@@ -213,6 +244,10 @@ class MoE(nn.Module):
   dropout_rate: float = 0.0
   dropout_rng_name: str = "dropout"
   aux: str = "return"
+  chain: int = 1
+  expert_pool: Optional[nn.Module] = None
+  pool_layers: int = 1
+  pool_position: int = 0
 
   def __post_init__(self):
     validation.positive_int("num_experts", self.num_experts)
@@ -230,12 +265,25 @@ class MoE(nn.Module):
     dispatch.gmm_backends.create(self.backend, self.block_size, self.kernel_settings)
     validation.in_range("dropout_rate", self.dropout_rate, 0, 1, high_open=True)
     validation.one_of("aux", self.aux, AUX_OUTPUTS)
+    validation.positive_int("chain", self.chain)
+    validation.positive_int("pool_layers", self.pool_layers)
+    if not 0 <= self.pool_position < self.pool_layers:
+      raise ValueError(f"pool_position must be in [0, pool_layers = {self.pool_layers}), "
+                       f"got {self.pool_position}")
+    if (self.pool_layers > 1) != (self.expert_pool is not None):
+      raise ValueError("expert_pool and pool_layers > 1 go together: a pool is shared by "
+                       f"pool_layers > 1 layers (pool_layers={self.pool_layers}, "
+                       f"expert_pool {'set' if self.expert_pool is not None else 'None'})")
     for reserved in ("num_experts", "top_k", "rng_name"):
       if reserved in self.router_kwargs:
         raise ValueError(f"router_kwargs.{reserved} is set by the layer (its {reserved} "
                          f"and granularity); set MoE.{reserved} instead")
     router = self.make_router(parent=None)
     object.__setattr__(self, "_router_spec", router)
+    if self.chain > 1 and router.step_needs.counts_for_loss:
+      raise ValueError(f"chain ({self.chain}) > 1 needs a router whose balance loss does not "
+                       "count the whole step (balance_scope 'global' counts one pass only); "
+                       "set the router's balance_scope to 'microbatch' or 'sequence'")
     self.resolved_loss_weights  # validates loss_weights  # pylint: disable=pointless-statement
     validation.in_range("tsallis_q", self.tsallis_q, 0, float("inf"), low_open=True)
     validation.in_range("erc_noise", self.erc_noise, 0, 1, high_open=True)
@@ -302,6 +350,11 @@ class MoE(nn.Module):
     return self.num_experts * self.granularity
 
   @property
+  def routable_experts(self) -> int:
+    """The experts the router scores: mE, or mE * pool_layers with a pool."""
+    return self.routed_experts * self.pool_layers
+
+  @property
   def experts_per_token(self) -> int:
     """mK."""
     return self.top_k * self.granularity
@@ -314,7 +367,7 @@ class MoE(nn.Module):
   @nn.nowrap
   def make_router(self, **module_kwargs) -> nn.Module:
     """The router with this layer's E, K and router_kwargs (unbound with parent=None)."""
-    kwargs = {"num_experts": self.routed_experts, "top_k": self.experts_per_token,
+    kwargs = {"num_experts": self.routable_experts, "top_k": self.experts_per_token,
               "rng_name": self.rng_name}
     kwargs.update(dict(self.router_kwargs))
     return routers.create(self.router, **kwargs, **module_kwargs)
@@ -326,15 +379,36 @@ class MoE(nn.Module):
                              kernel_settings=self.kernel_settings)
     return dispatch.create(self.engine)
 
+  @nn.nowrap
+  def make_experts(self, num_experts: Optional[int], hidden_dim: Optional[int] = None,
+                   **module_kwargs) -> FFNWeights:
+    """FFNWeights of `num_experts` experts (None: one dense FFN) of this layer's
+    type, width `hidden_dim` (default F/m) and initialisers."""
+    settings = dict(expert_type=self.expert_type, activation=self.activation,
+                    param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                    use_bias=self.use_bias, bias_init=self.bias_init)
+    return FFNWeights(self.expert_hidden_dim if hidden_dim is None else hidden_dim,
+                      num_experts, **{**settings, **module_kwargs})
+
   def setup(self):
     self.router_module = self.make_router(name="router")
-    ffn_settings = dict(expert_type=self.expert_type, activation=self.activation,
-                        param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                        use_bias=self.use_bias, bias_init=self.bias_init)
-    self.experts = FFNWeights(self.expert_hidden_dim, self.routed_experts, **ffn_settings)
+    self.chain_routers = [self.make_router(name=f"router_{i}") for i in range(1, self.chain)]
+    if self.expert_pool is None:
+      self.experts = self.make_experts(self.routed_experts)
     if self.num_shared_experts:
-      self.shared_experts = FFNWeights(self.num_shared_experts * self.expert_hidden_dim,
-                                       None, **ffn_settings)
+      self.shared_experts = self.make_experts(
+          None, self.num_shared_experts * self.expert_hidden_dim)
+
+  @nn.nowrap
+  def _expert_ffn(self, model_dim: int, dtype: Any) -> ExpertFFN:
+    """The routed experts' weights in the router's order: the layer's own, or the
+    pool rolled so that this layer's experts come first."""
+    if self.expert_pool is None:
+      return self.experts(model_dim, dtype)
+    ffn = self.expert_pool(model_dim, dtype)
+    offset = self.pool_position * self.routed_experts
+    return ffn.replace(weights=jax.tree_util.tree_map(
+        lambda w: jnp.roll(w, -offset, axis=0), ffn.weights))
 
   def __call__(self, x: Array, ctx: Optional[RoutingContext] = None, *,
                deterministic: Optional[bool] = None, decode: Optional[bool] = None):
@@ -352,12 +426,54 @@ class MoE(nn.Module):
     decode = self.decode if decode is None else decode
     dtype = x.dtype if self.dtype is None else self.dtype
     ctx = RoutingContext() if ctx is None else ctx
-    num_tokens, num_experts = batch * length, self.routed_experts
+    num_tokens = batch * length
     real = ctx.token_mask(num_tokens)
 
+    if self.pool_layers > 1 and "own_experts" in self.router_spec.context_fields:
+      ctx = ctx.replace(own_experts=self.routed_experts)
+    tokens = x.reshape(num_tokens, model_dim).astype(dtype)
+    ffn = self._with_dropout(self._expert_ffn(model_dim, dtype), deterministic)
+    passes, y, state = [], None, tokens
+    for i, router in enumerate([self.router_module, *self.chain_routers]):
+      if i:
+        ctx = ctx.replace(carry=passes[-1]["routed"].carry)
+      out = self._one_pass(router, x if i == 0 else state.reshape(x.shape), state, ctx, ffn,
+                           real, deterministic, decode, first=i == 0)
+      passes.append(out)
+      y = out["y"] if y is None else y + out["y"]
+      if i + 1 < self.chain:
+        state = state + out["y"]
+    weights = self.resolved_loss_weights
+    losses, aux_metrics = passes[0]["losses"], passes[0]["metrics"]
+    if len(passes) > 1:
+      losses = jax.tree_util.tree_map(lambda *v: sum(v), *[p["losses"] for p in passes])
+      aux_metrics = jax.tree_util.tree_map(lambda *v: sum(v) / len(v),
+                                           *[p["metrics"] for p in passes])
+    loss = sum((weights.get(k, 0.0) * v for k, v in losses.items()), jnp.zeros((), jnp.float32))
+    first, routed = passes[0], passes[0]["routed"]
+    aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics,
+                 plan=routed.token_plan if self.router_spec.mixes_tokens else first["plan"],
+                 routed_plan=routed.token_plan, probs=routed.probs,
+                 counts=routed.counts, carry=passes[-1]["routed"].carry)
+    y = y.reshape(shape)
+    if self.aux == "sow":
+      if not self.is_initializing():
+        self.sow(sown.LOSSES, "loss", aux.loss)
+        self.sow(sown.METRICS, "metrics", aux.metrics)
+      return y
+    return y, aux
+
+  @nn.nowrap
+  def _one_pass(self, router: nn.Module, x: Array, tokens: Array, ctx: RoutingContext,
+                ffn: ExpertFFN, real: Array, deterministic: bool, decode: bool,
+                first: bool) -> dict[str, Any]:
+    """One routing pass over tokens [T, D] (x: their [B, L, D] view, the router's
+    input): the experts' output y [T, D] (shared experts included), the router
+    output, the plan after capacity, and the pass's unweighted losses and metrics."""
+    num_tokens, num_experts = tokens.shape[0], self.routable_experts
     if ctx.causal:
-      routers.check_causal(self.router_module)
-    routed: RouterOutput = self.router_module(x, ctx, deterministic=deterministic)
+      routers.check_causal(router)
+    routed: RouterOutput = router(x, ctx, deterministic=deterministic)
     plan, cap = routed.plan, None
     drop_metrics = {"dropped": jnp.zeros((), jnp.float32),
                     "dropped_share": jnp.zeros((), jnp.float32)}
@@ -365,9 +481,6 @@ class MoE(nn.Module):
       cap = capacity.capacity(plan.num_slots, 1, num_experts, self.capacity_factor)
       plan, drop_metrics = capacity.apply_capacity(plan, routed.probs, num_experts, cap,
                                                    self.drop_policy)
-
-    tokens = x.reshape(num_tokens, model_dim).astype(dtype)
-    ffn = self._with_dropout(self.experts(model_dim, dtype), deterministic)
     rows = routed.rows(tokens)
     if self.expert_parallel is None:
       y = self._make_engine()(rows, plan, ffn, capacity=cap)
@@ -384,7 +497,7 @@ class MoE(nn.Module):
     if "tsallis" in weights:
       losses["tsallis"] = metrics.masked_mean(
           balance.tsallis_entropy(routed.probs, self.tsallis_q), real)
-    if self.uses_erc:
+    if self.uses_erc and first:
       norms = self._erc_activations(ffn, deterministic)
       losses["erc"] = balance.erc_loss(norms, self.erc_form, self.erc_margin)
       aux_metrics.update(balance.diagonal_dominance(norms))
@@ -392,18 +505,8 @@ class MoE(nn.Module):
                    "router_entropy": metrics.entropy(routed.probs, real),
                    "router_marginal_entropy": metrics.marginal_entropy(routed.probs, real),
                    **aux_metrics}
-    loss = sum((weights.get(k, 0.0) * v for k, v in losses.items()), jnp.zeros((), jnp.float32))
-    aux = MoEAux(loss=loss, losses=losses, metrics=aux_metrics,
-                 plan=routed.token_plan if self.router_spec.mixes_tokens else plan,
-                 routed_plan=routed.token_plan, probs=routed.probs,
-                 counts=routed.counts, carry=routed.carry)
-    y = y.reshape(shape)
-    if self.aux == "sow":
-      if not self.is_initializing():
-        self.sow(sown.LOSSES, "loss", aux.loss)
-        self.sow(sown.METRICS, "metrics", aux.metrics)
-      return y
-    return y, aux
+    return {"y": y, "routed": routed, "plan": plan, "losses": losses,
+            "metrics": aux_metrics}
 
   @nn.nowrap
   def _with_dropout(self, ffn: ExpertFFN, deterministic: bool) -> ExpertFFN:
@@ -436,8 +539,10 @@ class MoE(nn.Module):
     return jnp.linalg.norm(hidden.astype(jnp.float32), axis=-1)
 
   def update_routing(self) -> None:
-    """After an optimizer step: let the router update its `routing` state."""
+    """After an optimizer step: let the routers update their `routing` state."""
     self.router_module.update_state()
+    for router in self.chain_routers:
+      router.update_state()
 
   @nn.nowrap
   def _resolve_deterministic(self, deterministic: Optional[bool]) -> bool:

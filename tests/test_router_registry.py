@@ -26,9 +26,15 @@ RNGS = {"router": jax.random.key(7)}
 
 
 def _inputs(seed=0):
+  """x and a context with every field a router may read: token ids, a causal
+  head-averaged attention (attention_aware), a step and 2 own experts of the 4
+  (rexmoe's progressive scaling masks the other 2 at step 3)."""
   x = jax.random.normal(jax.random.key(seed), (B, L, D))
   token_ids = jax.random.randint(jax.random.key(seed + 1), (B, L), 0, 6)
-  return x, RoutingContext(token_ids=token_ids, layer=0)
+  scores = jax.random.normal(jax.random.key(seed + 2), (B, L, L))
+  attention = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((L, L), bool)), scores, -jnp.inf))
+  return x, RoutingContext(token_ids=token_ids, layer=0, attention=attention,
+                           step=jnp.asarray(3), own_experts=E // 2)
 
 
 def _layer(name, engine="loop", backend="xla", **router_kwargs):

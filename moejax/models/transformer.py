@@ -15,6 +15,11 @@ only for a router that declares them; every router gets the segment ids, the
 layer index, the model's causality and the data shards. Activations may be bfloat16;
 routers always compute in float32.
 
+With `expert_reuse` r > 1 (ReXMoE, routers/rexmoe.py) the MoE layers form groups
+of r adjacent ones; each group shares one pool of r * mE experts (`expert_pool_<g>`,
+the parameters of the group's r layers' experts), which every layer of the group
+routes over (MoE.expert_pool).
+
 The model returns the logits and {"layer_<i>": MoEAux} for its MoE layers; each
 aux.loss is already weighted by the layer's loss_weights.
 """
@@ -57,7 +62,8 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm transformer block; `moe` is the MoE template, or None (dense)."""
+  """One pre-norm transformer block; `moe` is the MoE template, or None (dense);
+  `expert_pool`, `pool_layers`, `pool_position`: the MoE layer's shared pool."""
 
   layer: int
   num_heads: int
@@ -70,6 +76,9 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = True
+  expert_pool: Optional[nn.Module] = None
+  pool_layers: int = 1
+  pool_position: int = 0
 
   def setup(self):
     self.attention_norm = rms_norm("attention_norm", self.dtype, self.param_dtype)
@@ -81,7 +90,10 @@ class Block(nn.Module):
                           self.param_dtype)
     else:
       self.moe_layer = self.moe.clone(parent=self, name="moe", dtype=self.dtype,
-                                      param_dtype=self.param_dtype)
+                                      param_dtype=self.param_dtype,
+                                      expert_pool=self.expert_pool,
+                                      pool_layers=self.pool_layers,
+                                      pool_position=self.pool_position)
 
   def __call__(self, x: Array, ctx: RoutingContext, deterministic: bool
                ) -> tuple[Array, Optional[MoEAux]]:
@@ -124,6 +136,7 @@ class TransformerLM(nn.Module):
     causal: True (a decoder LM, default); False for a bidirectional encoder (e.g.
       a masked-diffusion LM), where routers that look at other tokens of the
       sequence (expert choice) are legitimate.
+    expert_reuse: r, adjacent MoE layers sharing one expert pool (1: none).
   """
 
   vocab_size: int
@@ -141,6 +154,7 @@ class TransformerLM(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = True
+  expert_reuse: int = 1
 
   def __post_init__(self):
     for field in ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_dim",
@@ -155,7 +169,18 @@ class TransformerLM(nn.Module):
       object.__setattr__(self, "moe", MoE(**self.moe, parent=None))
     if self.moe is not None and self.causal:
       routers.check_causal(self.moe.router_spec)
+    validation.positive_int("model.expert_reuse", self.expert_reuse)
+    if self.expert_reuse > 1:
+      if self.moe is None:
+        raise ValueError(f"model.expert_reuse ({self.expert_reuse}) needs MoE layers")
+      if self.num_moe_layers % self.expert_reuse:
+        raise ValueError(f"model.expert_reuse ({self.expert_reuse}) must divide the number "
+                         f"of MoE layers ({self.num_moe_layers})")
     super().__post_init__()
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(layer) for layer in range(self.num_layers))
 
   @property
   def resolved_head_dim(self) -> int:
@@ -175,13 +200,26 @@ class TransformerLM(nn.Module):
                           embedding_init=nn.with_logical_partitioning(
                               nn.initializers.normal(self.model_dim ** -0.5),
                               ("vocab", "embed")))
-    self.blocks = [
-        Block(layer, self.num_heads, self.resolved_head_dim, self.mlp_dim,
-              self.moe if self.is_moe_layer(layer) else None, self.expert_type,
-              self.activation,
-              self.rope_base, self.dtype, self.param_dtype, self.causal,
-              name=f"block_{layer}")
-        for layer in range(self.num_layers)]
+    pools = []
+    if self.expert_reuse > 1:
+      pools = [self.moe.make_experts(self.moe.routed_experts * self.expert_reuse,
+                                     param_dtype=self.param_dtype, name=f"expert_pool_{g}")
+               for g in range(self.num_moe_layers // self.expert_reuse)]
+    self.expert_pools = pools
+    blocks, moe_index = [], 0
+    for layer in range(self.num_layers):
+      moe, pool = None, {}
+      if self.is_moe_layer(layer):
+        moe = self.moe
+        if pools:
+          pool = dict(expert_pool=pools[moe_index // self.expert_reuse],
+                      pool_layers=self.expert_reuse,
+                      pool_position=moe_index % self.expert_reuse)
+        moe_index += 1
+      blocks.append(Block(layer, self.num_heads, self.resolved_head_dim, self.mlp_dim, moe,
+                          self.expert_type, self.activation, self.rope_base, self.dtype,
+                          self.param_dtype, self.causal, **pool, name=f"block_{layer}"))
+    self.blocks = blocks
     self.final_norm = rms_norm("final_norm", self.dtype, self.param_dtype)
     if not self.tie_embeddings:
       self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32,

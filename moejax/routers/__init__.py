@@ -9,16 +9,21 @@ tokens to slot rows and back.
 """
 from moejax.routers.base import Router, StepNeeds, SwitchBalancedRouter, check_causal
 from moejax.routers.expert_choice import ExpertChoiceRouter
+from moejax.routers.graph import AttentionAwareRouter, SimilarityRouter
 from moejax.routers.hash_random import HashRouter, RandomRouter, consistency_loss
 from moejax.routers.null_experts import NullExpertsRouter
+from moejax.routers.recurrent import RecurrentCarry, RecurrentRouter
 from moejax.routers.registry import create, fields, get, names, register, unregister
 from moejax.routers.relu import ReLURouter
+from moejax.routers.rexmoe import ReXMoERouter
 from moejax.routers.sinkhorn import SelectiveSinkhornRouter, SinkhornRouter
 from moejax.routers.soft import SlotRouting, SoftRouter
 from moejax.routers.top_p import TopPRouter
 from moejax.routers.topk import TopKRouter
 
 __all__ = ["Router", "StepNeeds", "SwitchBalancedRouter", "check_causal", "consistency_loss", "create", "fields",
-           "get", "names", "register", "unregister", "ExpertChoiceRouter", "HashRouter",
-           "NullExpertsRouter", "RandomRouter", "ReLURouter", "SelectiveSinkhornRouter",
-           "SinkhornRouter", "SlotRouting", "SoftRouter", "TopKRouter", "TopPRouter"]
+           "get", "names", "register", "unregister", "AttentionAwareRouter",
+           "ExpertChoiceRouter", "HashRouter", "NullExpertsRouter", "RandomRouter",
+           "RecurrentCarry", "RecurrentRouter", "ReLURouter", "ReXMoERouter",
+           "SelectiveSinkhornRouter", "SimilarityRouter", "SinkhornRouter", "SlotRouting",
+           "SoftRouter", "TopKRouter", "TopPRouter"]

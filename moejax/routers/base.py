@@ -26,7 +26,7 @@ it, as a class attribute or a property:
   What it reads
     context_fields        the RoutingContext fields it reads beyond x: some of
                           positions, step, attention, carry, token_ids,
-                          capacity, global_counts. The model computes
+                          capacity, global_counts, own_experts. The model computes
                           `attention` (the preceding attention block's
                           head-averaged probabilities) only for a router that
                           declares it, and hands a router the fields it
@@ -70,7 +70,7 @@ DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated
 
 PLAN_LAYOUTS = ("token_major", "expert_major")
 CONTEXT_FIELDS = frozenset({"positions", "step", "attention", "carry", "token_ids",
-                            "capacity", "global_counts"})
+                            "capacity", "global_counts", "own_experts"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,6 +76,8 @@ Array = jax.Array
 SCORES = ("softmax", "sigmoid")
 ORDERS = ("softmax_topk", "topk_softmax")
 GROUP_SCORES = ("max", "top2_sum", "share_sum")
+# The logit of an expert outside a router's candidates: exp() of it is 0 in float32.
+MASKED_LOGIT = -1e30
 
 
 def scores_per_group(group_score: str, top_k: int, groups_selected: int,
@@ -165,7 +167,10 @@ class TopKRouter(SwitchBalancedRouter):
     if self.jitter > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng(self.rng_name), x.shape, jnp.float32,
                                  1.0 - self.jitter, 1.0 + self.jitter)
-    logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
+    logits, carry = self.gate_logits(x, ctx)
+    candidates = self.candidates(ctx)
+    if candidates is not None:
+      logits = jnp.where(candidates, logits, MASKED_LOGIT)
     if self.noisy:
       noise_std = jax.nn.softplus(router_logits(
           x, self.num_experts, nn.initializers.zeros_init(), "noise"))
@@ -179,7 +184,7 @@ class TopKRouter(SwitchBalancedRouter):
       probs = jax.nn.softmax(jax.nn.log_sigmoid(logits), axis=-1)
       selection = scores
     else:
-      probs = scores = jax.nn.softmax(logits, axis=-1)
+      probs = scores = self.mix_probs(jax.nn.softmax(logits, axis=-1), x, ctx, batch)
       selection = logits if self.order == "topk_softmax" else scores
 
     if self.aux_free:
@@ -199,7 +204,8 @@ class TopKRouter(SwitchBalancedRouter):
     elif self.normalize:
       # p / sum(p) and s / sum(s) over the K selected, as softmaxes of log-scores.
       log_scores = (jax.nn.log_sigmoid(logits) if self.score == "sigmoid"
-                    else jax.nn.log_softmax(logits, axis=-1))
+                    else jnp.log(jnp.maximum(scores, jnp.finfo(jnp.float32).tiny))
+                    if self.mixes_probs else jax.nn.log_softmax(logits, axis=-1))
       weights = jax.nn.softmax(jnp.take_along_axis(log_scores, expert_index, axis=-1), axis=-1)
     else:
       weights = jnp.take_along_axis(scores, expert_index, axis=-1)
@@ -216,7 +222,28 @@ class TopKRouter(SwitchBalancedRouter):
     valid = jnp.broadcast_to(real[:, None], expert_index.shape)
     return RouterOutput(plan=RoutingPlan.from_topk(expert_index, weights, valid),
                         logits=logits, probs=probs, losses=losses,
-                        metrics={"selected": counts}, counts=counts)
+                        metrics={"selected": counts}, counts=counts, carry=carry)
+
+  # Hooks of the routers built on this one (routers/recurrent.py, graph.py,
+  # rexmoe.py); the defaults are plain top-K.
+  mixes_probs: ClassVar[bool] = False
+
+  def gate_logits(self, x: Array, ctx: RoutingContext) -> tuple[Array, Any]:
+    """(logits z [T, E] from the router input x [T, D], the carry to hand on)."""
+    del ctx
+    return router_logits(x, self.num_experts, self.kernel_init, "gate"), None
+
+  def candidates(self, ctx: RoutingContext) -> Optional[Array]:
+    """bool[E]: the experts a token may choose (the others' logits are masked
+    before the softmax); None: all of them."""
+    del ctx
+    return None
+
+  def mix_probs(self, probs: Array, x: Array, ctx: RoutingContext, batch: int) -> Array:
+    """The softmax distribution p [T, E] as selection and combine read it (a
+    router that sets mixes_probs mixes it across tokens); p itself here."""
+    del x, ctx, batch
+    return probs
 
   def update_state(self) -> None:
     """After an optimizer step: move the aux-free bias by the step's counts, and

@@ -35,7 +35,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # router section).
 _MOE_SET_ELSEWHERE = ("parent", "name", "router_kwargs", "model_dim", "dtype",
                       "param_dtype", "deterministic", "decode", "aux", "rng_name",
-                      "dropout_rng_name", "kernel_init", "bias_init")
+                      "dropout_rng_name", "kernel_init", "bias_init", "expert_pool",
+                      "pool_layers", "pool_position")
 MOE_FIELDS = tuple(f.name for f in dataclasses.fields(MoE)
                    if f.name not in _MOE_SET_ELSEWHERE)
 TILING_PASSES = ("forward", "lhs_grad", "rhs_grad")
@@ -189,7 +190,8 @@ def build_model(config) -> TransformerLM:
         num_heads=m.num_heads, head_dim=m.get("head_dim"), mlp_dim=m.mlp_dim,
         moe=moe_settings(config), moe_every=max(m.moe_every, 1),
         expert_type=m.expert_type, activation=m.activation,
-        tie_embeddings=m.tie_embeddings, dtype=DTYPES[m.dtype], parent=None)
+        tie_embeddings=m.tie_embeddings, dtype=DTYPES[m.dtype],
+        expert_reuse=m.get("expert_reuse", 1), parent=None)
   except ValueError as e:
     raise ValueError(_config_path(str(e), config)) from None
 
@@ -304,6 +306,7 @@ def check(config, num_devices: Optional[int] = None,
   if layer is not None and layer.expert_parallel is not None:
     try:
       sharded.check_sizes({"data": data, "expert": expert, "model": model_axis},
-                          micro * d.seq_len, layer.routed_experts, layer.expert_hidden_dim)
+                          micro * d.seq_len, layer.routed_experts * model.expert_reuse,
+                          layer.expert_hidden_dim)
     except ValueError as e:
       raise ValueError(f"moe.{e}") from None

@@ -175,7 +175,7 @@ def make_eval_step(model: TransformerLM, num_domains: Optional[int] = None) -> C
   def eval_step(state: TrainState, batch: dict[str, Array]) -> dict:
     rows = split_batch(batch)
     nll, aux, _, _ = _forward(model, state.params, state.routing, rows, None,
-                              deterministic=True)
+                              deterministic=True, step=state.step)
     layers = _layer_metrics(aux)
     if num_domains and "domain" in rows:
       for name, a in aux.items():
