@@ -148,7 +148,7 @@ def _trace_from_checkpoints(workdir, steps, tokens, split, config, expected, log
         restored = checkpointer.restore(step, abstract)
         batches = (split_batch(b) for b in eval_batches(spec, tokenizer, limit))
         trace = collect.trace_batches(
-            lambda rows, s=restored: route(s, rows), batches, model.moe.routed_experts, tokens,
+            lambda rows, s=restored: route(s, rows), batches, model.routable_experts, tokens,
             meta={**expected, "step": step, "router": config.moe.router,
                   "top_k": config.moe.top_k, "seq_len": config.data.seq_len})
         if trace.num_tokens < tokens:

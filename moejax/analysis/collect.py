@@ -39,7 +39,7 @@ def model_plans(model, state, rows: Mapping[str, Any]) -> dict[str, dict[str, ja
   rows of split_batch, in evaluation mode (jit it)."""
   variables = {"params": state.params, **({"routing": state.routing} if state.routing else {})}
   _, aux = model.apply(variables, rows["inputs"], rows["positions"], rows["segments"],
-                       deterministic=True)
+                       deterministic=True, step=state.step)
   return layer_plans(aux)
 
 

@@ -179,6 +179,12 @@ class TransformerLM(nn.Module):
     super().__post_init__()
 
   @property
+  def routable_experts(self) -> int:
+    """The experts each MoE layer's router chooses among: mE, or the pool's
+    mE * expert_reuse."""
+    return self.moe.routed_experts * self.expert_reuse
+
+  @property
   def num_moe_layers(self) -> int:
     return sum(self.is_moe_layer(layer) for layer in range(self.num_layers))
 

@@ -133,7 +133,7 @@ class RoutingProbe:
     batch = next(iter(make_dataset(spec, tokenizer, prepare=False)))
     self.rows = jax.tree_util.tree_map(np.asarray, split_batch(batch))
     self.batch = _global_batch(batch, batch_sharding)
-    self.num_experts = model.moe.routed_experts
+    self.num_experts = model.routable_experts
     self.meta = {"dataset": config.data.name, "split": config.data.eval_split}
     self.previous = None
 
