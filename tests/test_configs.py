@@ -64,3 +64,18 @@ def test_balance_methods_set_what_they_name():
   assert weights("erc").erc > 0 and topk("erc").balance_scope == "microbatch"
   with pytest.raises(ValueError, match="balance method"):
     _balance("switch_batch")
+
+
+@pytest.mark.parametrize("arm", ["topk", "recurrent", "similarity", "attention_aware", "coe",
+                                 "rexmoe"])
+def test_every_router_zoo_2_arm_runs_two_expert_rows_per_token(arm):
+  path = os.path.join(CONFIG_DIR, "router_zoo_2.py")
+  config = setup.config_from_file(f"{path}:{arm}")
+  setup.check(config, num_devices=1)
+  model = setup.build_model(config)
+  assert model.moe.top_k * model.moe.chain == 2 and model.moe.num_experts == 8
+  assert (model.expert_reuse, model.moe.chain) == {"rexmoe": (2, 1), "coe": (1, 2)}.get(
+      arm, (1, 1))
+  assert f"  {arm} " in open(path, encoding="utf-8").read()
+  with pytest.raises(ValueError, match="arm must be one of"):
+    setup.config_from_file(f"{path}:nothing")

@@ -214,6 +214,10 @@ def test_missing_dataset_is_one_line(tmp_path):
     ({"model.num_heads": 5}, "model.num_heads"),
     ({"data.input_shards": 3}, "data.input_shards"),
     ({"data.input_shards": 16}, "data.input_shards"),
+    ({"moe.chain": 0}, "moe.chain"),
+    ({"model.expert_reuse": 3}, "model.expert_reuse"),
+    ({"moe.router": "rexmoe", "moe.rexmoe.psr_steps": -1}, "moe.rexmoe.psr_steps"),
+    ({"moe.router": "similarity", "moe.similarity.mix": 2.0}, "moe.similarity.mix"),
 ])
 def test_setup_check_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
