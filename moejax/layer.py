@@ -424,6 +424,10 @@ class MoE(nn.Module):
     check_auto_mesh()
     deterministic = self._resolve_deterministic(deterministic)
     decode = self.decode if decode is None else decode
+    if decode and self.router_spec.reads_earlier_tokens:
+      raise ValueError(f"decode is True, but router {self.router!r} routes each token by "
+                       "the earlier tokens of its sequence, which one-token decoding does not "
+                       "see; decode with a router that routes each token alone")
     dtype = x.dtype if self.dtype is None else self.dtype
     ctx = RoutingContext() if ctx is None else ctx
     num_tokens = batch * length

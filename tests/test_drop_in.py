@@ -276,7 +276,17 @@ def test_mlp_block_options():
 
 
 CAUSAL_ROUTERS = [n for n in routers.names()
-                  if routers.create(n, num_experts=4, top_k=2).is_causal]
+                  if routers.create(n, num_experts=4, top_k=2).is_causal
+                  and not routers.get(n).reads_earlier_tokens]
+
+
+@pytest.mark.parametrize("router", [n for n in routers.names()
+                                    if routers.get(n).reads_earlier_tokens])
+def test_decode_refuses_routers_that_read_earlier_tokens(router):
+  layer = moejax.MoE(num_experts=4, top_k=2, hidden_dim=8, router=router, decode=True)
+  with pytest.raises(ValueError, match=f"decode is True, but router '{router}' routes each "
+                                       "token by the earlier tokens of its sequence"):
+    layer.init(jax.random.key(0), jnp.ones((1, 1, 8)))
 
 
 def full_and_cached_logits(cfg: TransformerConfig, tokens: jax.Array):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moejax import demo
+from moejax import demo, routers
 from moejax import main as moejax_main
 from moejax.data import DatasetNotReady
 from moejax.train import errors
@@ -177,9 +177,7 @@ SMALL = ["--tokens", "16", "--model_dim", "8", "--hidden_dim", "8", "--experts",
     (["--model_dim", "-8"], "argument --model_dim: must be >= 1, got -8"),
     (["--hidden_dim", "0"], "argument --hidden_dim: must be >= 1, got 0"),
     (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
-    (["--router", "top2"], "argument --router: must be one of ['expert_choice', 'hash', "
-                           "'null_experts', 'random', 'relu', 'selective_sinkhorn', 'sinkhorn', "
-                           "'soft', 'top_p', 'topk'], got 'top2'"),
+    (["--router", "top2"], f"argument --router: must be one of {routers.names()}, got 'top2'"),
     (["--capacity_factor", "0"], "argument --capacity_factor: must be finite and > 0, got 0.0"),
     (["--capacity_factor", "-1.5"],
      "argument --capacity_factor: must be finite and > 0, got -1.5"),

@@ -14,7 +14,6 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from moejax import MoE, routers
@@ -122,21 +121,6 @@ def test_recurrent_carry_crosses_dense_blocks_with_one_shared_cell():
   h3 = _numpy_gru(cell, x3 @ params["block_3"]["moe"]["router"]["project"]["kernel"], h1)
   np.testing.assert_allclose(first.state, h1, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(second.state, h3, rtol=1e-4, atol=1e-5)
-
-
-def test_recurrent_routing_survives_a_checkpoint_round_trip(tmp_path):
-  """The carry is recomputed from the parameters: restored parameters give the
-  same logits and the same states in every MoE layer."""
-  model, variables = _model_and_variables("recurrent", hidden=6)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "params", variables["params"])
-  checkpointer.wait_until_finished()
-  restored = checkpointer.restore(tmp_path / "params", variables["params"])
-  want_logits, want = model.apply(variables, TOKENS)
-  got_logits, got = model.apply({"params": restored}, TOKENS)
-  np.testing.assert_array_equal(got_logits, want_logits)
-  for layer in want:
-    np.testing.assert_array_equal(got[layer].carry.state, want[layer].carry.state)
 
 
 # --------------------------------------------------------------- graph of tokens
@@ -285,7 +269,7 @@ def _jitted_model(case):
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
-@hypothesis.settings(max_examples=4)
+@hypothesis.settings(max_examples=max(4, hypothesis.settings.default.max_examples // 3))
 @hypothesis.given(seed=st.integers(0, 2**16), cut=st.integers(0, L - 2))
 def test_the_model_stays_causal(case, seed, cut):
   """Changing the tokens after `cut` leaves every logit up to `cut` unchanged."""
@@ -299,10 +283,12 @@ def test_the_model_stays_causal(case, seed, cut):
   assert float(jnp.max(jnp.abs(a[:, cut + 1:] - b[:, cut + 1:]))) > 0
 
 
-@pytest.mark.parametrize("case", ["recurrent", "rexmoe"])
+@pytest.mark.parametrize("case", ["rexmoe"])
 def test_expert_parallel_model_equals_one_device(case):
   """All-to-all expert parallelism over 2 x 4 devices (data x expert) gives the
-  one-device logits and gradients."""
+  one-device logits and gradients: the pool, rolled into each layer's order, is
+  sharded over the expert axis. (The other routers of this file run before the
+  experts, so expert parallelism sees top-K plans; routers/ tests cover those.)"""
   settings = dict(MODEL_CASES[case])
   reuse = settings.pop("expert_reuse", 1)
   top_k = settings.pop("top_k", K)

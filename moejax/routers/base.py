@@ -36,6 +36,11 @@ it, as a class attribute or a property:
                           of the batch; such a router has a field
                           `allow_noncausal` (noncausal_allowed) and a
                           `noncausal_reason`                                 True
+    reads_earlier_tokens  True when a causal router's routing of token t reads
+                          tokens before t of its sequence (graph-of-tokens
+                          routing): cached decoding, one token at a time, cannot
+                          route as the full forward does, so the layer refuses
+                          decode=True                                       False
     uses_rng              True when it draws from its rng stream (the field
                           `rng_name`, set by the layer; default `router`) in
                           training (deterministic=False)                    False
@@ -106,6 +111,7 @@ class Router(nn.Module):
   has_expert_embeddings: ClassVar[bool] = False
   context_fields: ClassVar[frozenset] = frozenset()
   noncausal_reason: ClassVar[str] = ""
+  reads_earlier_tokens: ClassVar[bool] = False
 
   @property
   def is_causal(self) -> bool:

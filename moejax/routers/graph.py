@@ -24,9 +24,10 @@ compared by their raw router inputs (no projection); attention-aware routing
 reads the attention without gradient (the router's loss does not train the
 attention). Both mix only over tokens t may see, so both are causal in a causal
 model; in a non-causal one (TransformerLM(causal=False)) similarity reads the
-whole segment. In cached decoding (one token at a time) a token sees no other
-token, so the routing would differ from the full forward's: these routers are for
-training and full-sequence evaluation.
+whole segment. In cached decoding (one token at a time) a token would see no
+other token and route differently from the full forward, so the layer refuses
+decode=True for them (reads_earlier_tokens): they are for training and
+full-sequence evaluation.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class GraphRouter(TopKRouter):
   mix: float = 1.0
 
   mixes_probs: ClassVar[bool] = True
+  reads_earlier_tokens: ClassVar[bool] = True
 
   def __post_init__(self):
     validation.in_range("mix", self.mix, 0, 1)
