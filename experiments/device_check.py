@@ -65,14 +65,18 @@ SIZES = {
     "full": dict(matmul_n=8192, kernel_cases=None, layer_tokens=512, layer_dim=256,
                  layer_hidden=512, layer_experts=8, grid_tokens=(2048, 8192, 256, 1024),
                  grid_shapes=((8, 4096), (64, 1024)), layer_perf_shapes=((8, 2048), (64, 1024)),
-                 layer_perf_tokens_per_expert=2048, train_steps=100, repeats=10,
+                 layer_perf_tokens_per_expert=2048, layer_cases=None, train_steps=100,
+                 repeats=10,
                  min_repeat_ms=20.0, lm=None,
                  budget_s=dict(kernels=80, layer=50, kernel_perf=110, layer_perf=50,
                                training=100)),
     "tiny": dict(matmul_n=256, kernel_cases=("e4_empty_groups",), layer_tokens=24,
                  layer_dim=16, layer_hidden=12, layer_experts=4, grid_tokens=(8,),
                  grid_shapes=((4, 32),), layer_perf_shapes=((4, 32),),
-                 layer_perf_tokens_per_expert=16, train_steps=3, repeats=2,
+                 layer_perf_tokens_per_expert=16,
+                 # A plan with drops of each layout (the CPU run proves the part runs).
+                 layer_cases=("topk_capacity", "expert_choice_capacity"), train_steps=3,
+                 repeats=2,
                  min_repeat_ms=1.0, budget_s={},
                  lm=dict(model=dict(num_layers=2, model_dim=32, num_heads=2, mlp_dim=64,
                                     moe_every=2, dtype="bfloat16"),
@@ -241,12 +245,14 @@ def part_kernels(m, results: Results, size: dict[str, Any], args) -> None:
 
 def layer_cases(size: dict[str, Any]) -> dict[str, dict[str, Any]]:
   base = dict(num_experts=size["layer_experts"], top_k=2, hidden_dim=size["layer_hidden"])
-  return {
+  cases = {
       "topk_dropless": dict(base),
       "topk_capacity": dict(base, capacity_factor=1.0),
       "expert_choice": dict(base, router="expert_choice"),
       "expert_choice_capacity": dict(base, router="expert_choice", capacity_factor=0.5),
   }
+  chosen = size.get("layer_cases")
+  return cases if chosen is None else {name: cases[name] for name in chosen}
 
 
 def layer_loss(m, layer) -> Callable:

@@ -71,7 +71,9 @@ SETTINGS = {
 CASES = ([("fixed", shape, "xla") for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (4, 2, 1)]]
          + [(mode, (2, 4, 1), "xla") for mode in ("ragged", "all_gather", "llep")]
          + [("all_gather", (1, 8, 1), "xla")]
-         + [(mode, (2, 4, 1), "pallas") for mode in ("fixed", "llep")])
+         # The pallas backend inside shard_map once: LLEP's spilled rows run the
+         # same kernels as the fixed transport's.
+         + [("llep", (2, 4, 1), "pallas")])
 
 
 @pytest.mark.parametrize("mode,shape,backend", CASES)
