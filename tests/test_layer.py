@@ -30,6 +30,9 @@ LAYER_CASES = {
                          router_kwargs={"noisy": True, "jitter": 0.1}),
 }
 ENGINES = [("einsum", "xla"), ("sorted", "xla"), ("sorted", "ragged_dot")]
+# Cases that change only the router's scores give the engines the plan kind of
+# softmax-k2: they run the default engine (sorted, xla); the others, every engine.
+ROUTER_ONLY = ("mixtral-order", "sigmoid-grouped", "noisy-jitter")
 
 
 def _value_and_grads(layer, variables, x, rngs):
@@ -52,7 +55,7 @@ def test_layer_engines_match_loop(case):
   # The router gradient is not trivially zero.
   router_grad = want_grads[0]["router"]["gate"]["kernel"]
   assert float(jnp.max(jnp.abs(nn.meta.unbox(router_grad)))) > 0
-  for engine, backend in ENGINES:
+  for engine, backend in (ENGINES[1:2] if case in ROUTER_ONLY else ENGINES):
     layer = MoE(engine=engine, backend=backend, block_size=4, **kwargs)
     (got_loss, (got_y, got_aux)), got_grads = _value_and_grads(layer, variables, x, rngs)
     what = f"{case} {engine}/{backend}"
