@@ -77,7 +77,8 @@ def mix_over_graph(probs: Array, graph: Array, share: float) -> Array:
 
 class GraphRouter(TopKRouter):
   """Top-K over a distribution mixed across tokens (see the module docstring).
-  Softmax scores with order `softmax_topk` only: the mixed p' is what is selected."""
+  Softmax scores with order `softmax_topk` only: the mixed p' is what is selected.
+  A subclass defines graph(x [T, D], ctx, batch) -> S [B, L, L]."""
 
   mix: float = 1.0
 
@@ -91,9 +92,6 @@ class GraphRouter(TopKRouter):
                        f"{self.router_name!r} (it selects from mixed probabilities), got "
                        f"score={self.score!r}, order={self.order!r}")
     super().__post_init__()
-
-  def graph(self, x: Array, ctx: RoutingContext, batch: int) -> Array:
-    raise NotImplementedError
 
   def mix_probs(self, probs: Array, x: Array, ctx: RoutingContext, batch: int) -> Array:
     return mix_over_graph(probs, self.graph(x, ctx, batch), self.mix)
