@@ -1,5 +1,6 @@
-"""`python -m moejax.analyze` on a tiny run, the trainer's routing probe, and the
-start-up errors of analyze (one line, nothing overwritten)."""
+"""`python -m moejax.analyze` and `python -m moejax.intervene` on a tiny run, the
+trainer's routing probe, and the start-up errors of both (one line, nothing
+overwritten)."""
 from __future__ import annotations
 
 import json
@@ -132,3 +133,41 @@ def test_a_trace_of_another_model_is_refused_and_kept(analyzed, capsys):
     assert open(path, "rb").read() == before
   finally:
     traces.save(original, path)
+
+
+def _checkpoint_files(workdir):
+  out = {}
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
+    for f in files:
+      path = os.path.join(root, f)
+      out[path] = os.path.getmtime(path)
+  return out
+
+
+def test_intervene_cli_writes_reports_beside_the_checkpoint(run, capsys):
+  from moejax import intervene
+  before = _checkpoint_files(run)
+  for method, extra in (("oracle", ["--strengths", "3"]),
+                        ("reroute", ["--steps", "2"]),
+                        ("steer", ["--domain", "1", "--top", "1"])):
+    assert intervene.main(["--workdir", run, "--method", method, "--rows", "4", *extra]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == os.path.join(run, "interventions", f"{method}_step20.md")
+    with open(path.replace(".md", ".json"), encoding="utf-8") as f:
+      data = json.load(f)
+    assert data["rows"]["rows"] == 4
+  assert data["change"]["layer_0"]["low"] <= data["change"]["layer_0"]["mean"]
+  assert _checkpoint_files(run) == before            # only read
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "steer"], "--method steer needs --domain"),
+    (["--method", "oracle", "--rows", "0"], "--rows must be at least 1"),
+    (["--method", "oracle", "--step", "3"], "--step 3: no checkpoint at that step"),
+    (["--method", "reroute", "--layers", "layer_9"], "layers: layer_9"),
+])
+def test_intervene_cli_errors_name_the_argument(run, capsys, argv, message):
+  from moejax import intervene
+  assert intervene.main(["--workdir", run, *argv]) == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("intervene error:") and message in err

@@ -41,9 +41,14 @@ PALLAS = pallas_kernels.KernelSettings(tiling=pallas_kernels.GmmTiling.uniform(8
         ("expert_choice", [(2, 4, 1), (2, 2, 2)])) for shape in shapes]
     + [("topk", (2, 2, 2), "pallas"), ("expert_choice", (1, 8, 1), "pallas")])
 def test_layer_expert_parallel_equals_one_device(router, shape, backend):
+  """With data sharded (shape[0] > 1) the router also takes a per-sequence logit
+  bias [B, E] (moejax.interventions.bias), which expert parallelism must honour."""
   x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D))
   reference = _layer(router, backend="xla")
   variables = reference.init(jax.random.PRNGKey(1), x)
+  if shape[0] > 1:
+    delta = 2.0 * jax.random.normal(jax.random.PRNGKey(2), (B, 8))
+    variables = {**variables, "logit_bias": {"router": {"delta": delta}}}
   (want_loss, want_metrics), want_grads = _loss_and_grads(reference, variables, x)
   layer = _layer(router, backend=backend, expert_parallel=ExpertParallel(),
                  kernel_settings=PALLAS if backend == "pallas" else None)

@@ -1,5 +1,6 @@
 """Every registered router, through the contract: engine parity with `loop`
-(values and gradients), causality, and refusal of causal use where it would leak.
+(values and gradients), causality, refusal of causal use where it would leak,
+and the intervention bias on its logits.
 
 Parametrised over routers.names(), so a router is covered the day it is registered.
 """
@@ -178,3 +179,35 @@ def test_every_router_annotates_its_parameters(name):
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       _variables(name).get("params", {}), is_leaf=lambda v: isinstance(v, nn.Partitioned))[0]:
     assert isinstance(leaf, nn.Partitioned) or leaf.ndim <= 1, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("name", routers.names())
+def test_every_router_with_logits_takes_the_logit_bias(name):
+  """Applied with the `logit_bias` collection mutable, a router that takes the
+  bias creates delta = 0 [E'] and its output (plan, logits, probs) is
+  bit-identical to the plain router's; a per-sequence delta [B, E'] moves each
+  sequence's logits by exactly its row (logits the router masks stay masked). A
+  router without logits creates no delta. The layer and its engines see only the
+  RouterOutput (the engine parity test above)."""
+  x, ctx = _inputs()
+  router = _layer(name).router_spec
+  variables = {c: v["router"] for c, v in _variables(name).items() if "router" in v}
+  plain = router.apply(variables, x, ctx, True)
+  out, state = router.apply(variables, x, ctx, True, mutable=["logit_bias"])
+  if not routers.get(name).takes_logit_bias:
+    assert "logit_bias" not in state
+    return
+  assert_trees_close(out, plain, rtol=0, atol=0, what=name)
+  (zero,) = jax.tree_util.tree_leaves(state["logit_bias"])
+  np.testing.assert_array_equal(zero, np.zeros(zero.shape))
+  width = zero.shape[0]
+  delta = jax.random.normal(jax.random.key(5), (B, width))
+  biased = jax.tree_util.tree_map(lambda _: delta, state["logit_bias"])
+  want = plain.logits.reshape(B, L, width)
+  got = router.apply({**variables, "logit_bias": biased}, x, ctx, True).logits.reshape(
+      B, L, width)
+  masked = want <= -1e29
+  np.testing.assert_allclose(np.where(masked, 0.0, got),
+                             np.where(masked, 0.0, want + delta[:, None, :]),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got[masked], want[masked])

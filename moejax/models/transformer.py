@@ -22,6 +22,13 @@ routes over (MoE.expert_pool).
 
 The model returns the logits and {"layer_<i>": MoEAux} for its MoE layers; each
 aux.loss is already weighted by the layer's loss_weights.
+
+With decode=True (cached decoding, moejax.models.generate) every attention keeps
+its keys and values in the collection `cache` (models/attention.py) and every MoE
+layer routes with decode=True: no capacity, and a router that reads the earlier
+tokens of its sequence (reads_earlier_tokens) is refused. The caller passes the
+positions of the new tokens (cache index + arange(L)); the model does not track the
+index.
 """
 from __future__ import annotations
 
@@ -95,19 +102,21 @@ class Block(nn.Module):
                                       pool_layers=self.pool_layers,
                                       pool_position=self.pool_position)
 
-  def __call__(self, x: Array, ctx: RoutingContext, deterministic: bool
-               ) -> tuple[Array, Optional[MoEAux]]:
+  def __call__(self, x: Array, ctx: RoutingContext, deterministic: bool,
+               decode: bool = False) -> tuple[Array, Optional[MoEAux]]:
     """x [B, L, D] -> (x [B, L, D], the MoE layer's aux or None). `ctx` holds every
-    field the model offers; the router receives those it declares."""
+    field the model offers; the router receives those it declares. `decode`: cached
+    attention and MoE decode routing; without it the MoE layer's own `decode`
+    setting applies."""
     reads = frozenset() if self.moe is None else self.moe.router_spec.context_fields
     h, probs = self.attention(self.attention_norm(x), ctx.positions, ctx.segment_ids,
-                              return_probs="attention" in reads)
+                              return_probs="attention" in reads, decode=decode)
     x = x + h
     h = self.ffn_norm(x)
     if self.moe is None:
       return x + self.ffn(h), None
     ctx = ctx.replace(layer=self.layer, attention=probs).restricted(reads)
-    y, aux = self.moe_layer(h, ctx, deterministic=deterministic)
+    y, aux = self.moe_layer(h, ctx, deterministic=deterministic, decode=decode or None)
     return x + y, aux
 
   def update_routing(self) -> None:
@@ -238,7 +247,7 @@ class TransformerLM(nn.Module):
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, *, deterministic: bool = True,
                step: Optional[Array] = None, global_counts: Optional[Mapping] = None,
-               data_shards: int = 1, capacity: Optional[Any] = None
+               data_shards: int = 1, capacity: Optional[Any] = None, decode: bool = False
                ) -> tuple[Array, dict[str, MoEAux]]:
     """tokens int[B, L] -> (logits float32[B, L, V], {"layer_<i>": MoEAux}).
 
@@ -247,8 +256,13 @@ class TransformerLM(nn.Module):
     `global` and `microbatch`); `capacity` (a per-expert capacity for every MoE
     layer, or {"layer_<i>": capacity}; static or traced) to routers that read
     RoutingContext.capacity (expert choice: a capacity schedule set from outside).
+    `decode`: cached decoding (see the module docstring); it needs `positions`
+    int[B, L], those of the new tokens, and takes no segment_ids.
     """
     if positions is None:
+      if decode:
+        raise ValueError("decode=True needs positions int[B, L] of the new tokens (cache "
+                         "index + arange(L)); the model does not track the cache index")
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens)
     ctx = RoutingContext(positions=positions, segment_ids=segment_ids, step=step,
@@ -258,7 +272,7 @@ class TransformerLM(nn.Module):
       counts = None if global_counts is None else global_counts.get(layer_key(layer))
       cap = capacity.get(layer_key(layer)) if isinstance(capacity, Mapping) else capacity
       x, layer_aux = block(x, ctx.replace(carry=carry, global_counts=counts, capacity=cap),
-                           deterministic)
+                           deterministic, decode)
       if layer_aux is not None:
         aux[layer_key(layer)] = layer_aux
         carry = layer_aux.carry

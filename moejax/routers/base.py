@@ -44,6 +44,9 @@ it, as a class attribute or a property:
     uses_rng              True when it draws from its rng stream (the field
                           `rng_name`, set by the layer; default `router`) in
                           training (deterministic=False)                    False
+    takes_logit_bias      True when its selection logits z [T, E'] take the
+                          intervention bias (biased_logits); False for routers
+                          without logits (hash, random)                      True
 
   What it hands on and keeps
     RouterOutput.carry    state for the next MoE layer of the model (read there
@@ -54,6 +57,12 @@ it, as a class attribute or a property:
                           second stochastic forward pass with a consistency loss,
                           or the step's selection counts before the gradient
                           pass (ctx.global_counts, from RouterOutput.counts) StepNeeds()
+
+The intervention bias (moejax.interventions.bias): a router that takes it adds
+delta [E'] (every token) or [B, E'] (per sequence), read from the `logit_bias`
+collection, to its selection logits at apply time (biased_logits); E' is the
+width of RouterOutput.logits. Without the collection nothing is added, so the
+outputs are those of the plain model; `params` are never touched.
 
 Padding (ctx.segment_ids 0) is never routed: its slots are invalid and it counts
 in no loss or metric (ctx.token_mask).
@@ -74,6 +83,7 @@ Array = jax.Array
 DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 PLAN_LAYOUTS = ("token_major", "expert_major")
+LOGIT_BIAS = "logit_bias"      # the collection of the intervention bias
 CONTEXT_FIELDS = frozenset({"positions", "step", "attention", "carry", "token_ids",
                             "capacity", "global_counts", "own_experts"})
 
@@ -112,6 +122,7 @@ class Router(nn.Module):
   context_fields: ClassVar[frozenset] = frozenset()
   noncausal_reason: ClassVar[str] = ""
   reads_earlier_tokens: ClassVar[bool] = False
+  takes_logit_bias: ClassVar[bool] = True
 
   @property
   def is_causal(self) -> bool:
@@ -137,6 +148,28 @@ class Router(nn.Module):
   def update_state(self) -> None:
     """After an optimizer step (applied with mutable=['routing']): update the
     router's `routing` collection. Nothing by default."""
+
+  def biased_logits(self, logits: Array, batch: int) -> Array:
+    """logits z [T, E'] plus the intervention bias delta of the `logit_bias`
+    collection: [E'] for every token, or [B, E'] per sequence (T = B * L). Without
+    the collection z itself. Applied with the collection mutable (and not at init),
+    delta is created as zeros [E'], which is how moejax.interventions.bias finds
+    every router's width."""
+    width = logits.shape[-1]
+    if self.has_variable(LOGIT_BIAS, "delta"):
+      delta = jnp.asarray(self.get_variable(LOGIT_BIAS, "delta"), jnp.float32)
+    elif self.is_mutable_collection(LOGIT_BIAS) and not self.is_initializing():
+      delta = self.variable(LOGIT_BIAS, "delta", jnp.zeros, (width,), jnp.float32).value
+    else:
+      return logits
+    if delta.ndim == 1 and delta.shape == (width,):
+      return logits + delta
+    if delta.shape == (batch, width):
+      per_sequence = logits.reshape(batch, -1, width) + delta[:, None, :]
+      return per_sequence.reshape(logits.shape)
+    raise ValueError(f"logit bias: router {self.router_name!r} at {'/'.join(self.path)} has "
+                     f"{width} logits per token and a batch of {batch}, so its delta must be "
+                     f"[{width}] or [{batch}, {width}]; got shape {tuple(delta.shape)}")
 
   def expert_embeddings(self) -> Array:
     """[E, D] expert vectors (routers with has_expert_embeddings)."""

@@ -116,9 +116,10 @@ class ExpertChoiceRouter(Router):
     """x [B, L, D] (or [T, D]) -> RouterOutput with A = E * C slots."""
     del deterministic
     ctx = RoutingContext() if ctx is None else ctx
-    x, _ = flatten_tokens(x)
+    x, batch = flatten_tokens(x)
     num_tokens = x.shape[0]
-    logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
+    logits = self.biased_logits(router_logits(x, self.num_experts, self.kernel_init, "gate"),
+                                batch)
     probs = jax.nn.softmax(logits, axis=-1)                          # S [T, E]
     cap, traced = self.capacity(num_tokens, ctx)
     real = ctx.token_mask(num_tokens)

@@ -111,6 +111,7 @@ class _UniformRouter(Router):
 
   loss_names: ClassVar[tuple[str, ...]] = ()
   default_loss_weights: ClassVar[dict[str, float]] = {}
+  takes_logit_bias: ClassVar[bool] = False
 
   def __post_init__(self):
     check_experts(self.num_experts, self.top_k, self.num_experts)

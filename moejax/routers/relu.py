@@ -143,7 +143,8 @@ class ReLURouter(SwitchBalancedRouter):
     x, batch = flatten_tokens(x)
     num_tokens = x.shape[0]
     real = ctx.token_mask(num_tokens)
-    logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
+    logits = self.biased_logits(router_logits(x, self.num_experts, self.kernel_init, "gate"),
+                                batch)
     g = self.gates(logits)
     top, expert_index = jax.lax.top_k(g, self.top_k)
     keep = (top > 0) & real[:, None]

@@ -159,7 +159,8 @@ class _SinkhornBase(SwitchBalancedRouter):
     x, batch = flatten_tokens(x)
     num_tokens = x.shape[0]
     real = ctx.token_mask(num_tokens)
-    logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
+    logits = self.biased_logits(router_logits(x, self.num_experts, self.kernel_init, "gate"),
+                                batch)
     probs = jax.nn.softmax(logits, axis=-1)
     _, greedy = jax.lax.top_k(probs, self.top_k)
     expert_index, weights = greedy, jnp.take_along_axis(probs, greedy, axis=-1)

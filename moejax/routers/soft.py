@@ -27,6 +27,11 @@ documents packed into one row do share its slots. Chosen where the paper is open
 no normalisation of x and Phi (the paper's l2 normalisation with a learned scale
 matters at large D). For metrics and analysis, `token_plan` gives each token its
 expert of largest combine mass.
+
+The intervention bias (routers/base.py, biased_logits) of expert e is added to
+each of its S slot logits. A constant per slot cancels in the dispatch softmax
+over tokens, so the bias moves the combine weights alone: how much of each
+token's output comes from expert e.
 """
 from __future__ import annotations
 
@@ -126,6 +131,9 @@ class SoftRouter(Router):
     phi = self.param("phi", nn.with_logical_partitioning(self.kernel_init, ("embed", None)),
                      (x.shape[-1], num_slots), jnp.float32)
     logits = jnp.einsum("bld,dn->bln", x.astype(jnp.float32), jnp.asarray(phi, jnp.float32))
+    expert_bias = self.biased_logits(jnp.zeros((batch * length, self.num_experts)), batch)
+    logits = logits + jnp.repeat(expert_bias.reshape(batch, length, self.num_experts),
+                                 self.slots_per_expert, axis=-1)
     real = ctx.token_mask(batch * length).reshape(batch, length, 1)
     dispatch = jax.nn.softmax(jnp.where(real, logits, jnp.finfo(jnp.float32).min), axis=1)
     combine = jnp.where(real, jax.nn.softmax(logits, axis=-1), 0.0)

@@ -75,7 +75,8 @@ class TopPRouter(SwitchBalancedRouter):
     ctx = RoutingContext() if ctx is None else ctx
     x, batch = flatten_tokens(x)
     real = ctx.token_mask(x.shape[0])
-    logits = router_logits(x, self.num_experts, self.kernel_init, "gate")
+    logits = self.biased_logits(router_logits(x, self.num_experts, self.kernel_init, "gate"),
+                                batch)
     probs = jax.nn.softmax(logits, axis=-1)
     top, expert_index = jax.lax.top_k(probs, self.top_k)               # [T, K_max]
     keep, short = top_p_mask(top, self.threshold)

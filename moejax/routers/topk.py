@@ -168,6 +168,7 @@ class TopKRouter(SwitchBalancedRouter):
       x = x * jax.random.uniform(self.make_rng(self.rng_name), x.shape, jnp.float32,
                                  1.0 - self.jitter, 1.0 + self.jitter)
     logits, carry = self.gate_logits(x, ctx)
+    logits = self.biased_logits(logits, batch)
     candidates = self.candidates(ctx)
     if candidates is not None:
       logits = jnp.where(candidates, logits, MASKED_LOGIT)
