@@ -149,14 +149,17 @@ def test_intervene_cli_writes_reports_beside_the_checkpoint(run, capsys):
   before = _checkpoint_files(run)
   for method, extra in (("oracle", ["--strengths", "3"]),
                         ("reroute", ["--steps", "2"]),
-                        ("steer", ["--domain", "1", "--top", "1"])):
+                        ("steer", ["--domain", "1", "--top", "1"]),
+                        ("roma", ["--train_rows", "8", "--roma_steps", "2",
+                                  "--neighbours", "2"])):
     assert intervene.main(["--workdir", run, "--method", method, "--rows", "4", *extra]) == 0
     path = capsys.readouterr().out.strip()
     assert path == os.path.join(run, "interventions", f"{method}_step20.md")
     with open(path.replace(".md", ".json"), encoding="utf-8") as f:
       data = json.load(f)
     assert data["rows"]["rows"] == 4
-  assert data["change"]["layer_0"]["low"] <= data["change"]["layer_0"]["mean"]
+  assert data["change"]["roma"]["low"] <= data["change"]["roma"]["mean"]
+  assert os.path.exists(os.path.join(run, "interventions", "roma_step20_roma.msgpack"))
   assert _checkpoint_files(run) == before            # only read
 
 

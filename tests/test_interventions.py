@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.interventions import Frozen, bias, oracle, reroute, steer
+from moejax.interventions import Frozen, bias, oracle, reroute, roma, steer
 from moejax.interventions.frozen import token_nll
 from moejax.models import TransformerLM
 
@@ -167,3 +167,46 @@ def test_oracle_gap_is_a_search_over_the_candidates():
   assert summary["gap"] >= 0 and summary["rows"] == N
   with pytest.raises(ValueError, match="strengths must be non-zero"):
     oracle.oracle_gap(frozen, rows, strengths=(0.0,))
+
+
+def test_roma_neighbours_and_router_mask_by_hand():
+  pool = np.array([[0.0], [1.0], [2.0], [10.0]])
+  nll = np.array([1.0, 1.0, 5.0, 1.0])          # median 1: samples 0, 1, 3 succeed
+  np.testing.assert_array_equal(
+      roma.successful_neighbours(np.array([[0.9], [9.0]]), pool, nll, 2), [[1, 0], [3, 1]])
+  np.testing.assert_array_equal(
+      roma.successful_neighbours(pool, pool, nll, 1, exclude_self=True), [[1], [0], [1], [1]])
+  with pytest.raises(ValueError, match=r"neighbours \(3\) must be at most"):
+    roma.successful_neighbours(pool, pool, nll, 3, exclude_self=True)
+  params = _frozen().variables["params"]
+  routers, rest = roma.split_router_params(params)
+  assert sorted("/".join(p) for p in routers) == [
+      "block_0/moe/router/gate/kernel", "block_1/moe/router/gate/kernel"]
+  assert len(rest) > 10
+  with pytest.raises(ValueError, match="no router parameters to train"):
+    roma.split_router_params({"block_0": {"ffn": {"kernel": np.zeros(2)}}})
+
+
+def test_roma_trains_the_routers_alone_and_measures_the_alignment():
+  frozen, rows = _frozen(), _rows(5, n=6)
+  settings = roma.Settings(steps=2, learning_rate=1e-2, batch_size=6, weight=1.0,
+                           neighbours=2)
+  tuned, history = roma.finetune(frozen, rows, rows, settings)
+  routers, rest = roma.split_router_params(frozen.variables["params"])
+  new_routers, new_rest = roma.split_router_params(tuned.variables["params"])
+  for path in rest:
+    np.testing.assert_array_equal(new_rest[path], rest[path])
+  assert all(np.abs(new_routers[p] - routers[p]).max() > 0 for p in routers)
+  # Step 0's figures by hand: the plain CE and the mean squared distance of each
+  # row's routing profile to its two neighbours', summed over layers.
+  pool_nll = np.mean(np.asarray(token_nll(frozen, rows)), axis=1)
+  neighbours = roma.successful_neighbours(roma.embeddings(frozen, rows),
+                                          roma.embeddings(frozen, rows), pool_nll, 2,
+                                          exclude_self=True)
+  _, aux = frozen.apply(jnp.asarray(rows[:, :-1]))
+  profiles = roma.routing_profiles(aux, rows.shape[0])
+  align = sum(np.sum((np.asarray(r)[:, None] - np.asarray(r)[neighbours]) ** 2) / (2 * 6)
+              for r in profiles.values())
+  np.testing.assert_allclose(history[0], [pool_nll.mean(), align], rtol=1e-4)
+  with pytest.raises(ValueError, match=r"batch_size \(8\) exceeds the training rows"):
+    roma.finetune(frozen, rows, rows, roma.Settings(batch_size=8))

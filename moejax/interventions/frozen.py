@@ -17,6 +17,7 @@ import functools
 import os
 from typing import Any, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,8 @@ REPORT_DIR = "interventions"
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Frozen:
-  """A TransformerLM with MoE layers and its variables (`params`, `routing`);
+  """A TransformerLM with MoE layers and its variables (`params`, `routing`,
+  unboxed);
   compiled functions of it are cached on the instance (compared by identity)."""
 
   model: Any
@@ -39,6 +41,8 @@ class Frozen:
 
   def __post_init__(self):
     biases.check_model(self.model)
+    # Parameters as arrays (init's logical-axis boxes removed).
+    object.__setattr__(self, "variables", nn.meta.unbox(self.variables))
 
   def apply(self, tokens: Array, collection: Optional[Mapping] = None) -> tuple[Array, dict]:
     """tokens int[B, L] -> (logits [B, L, V], aux) in evaluation mode, with the
