@@ -33,7 +33,7 @@ checkpoints are only read.
            once without it (plain router fine-tuning, the same steps and
            batches); the report gives the evaluation rows' nll under the plain
            model and both, and the fine-tuned router parameters are written to
-           DIR/interventions/roma_step<S>_{roma,plain}.msgpack.
+           DIR/interventions/roma_step<S>_{roma,router_ft}.msgpack.
   oracle   the per-sequence oracle gap per layer and in total.
 
 Mistakes stop at start-up with one line on stderr and exit status 1.

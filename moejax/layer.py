@@ -250,6 +250,12 @@ class MoE(nn.Module):
   pool_position: int = 0
 
   def __post_init__(self):
+    # Mappings frozen, so that equal layers (and the models holding them) hash
+    # alike: a model may be a static argument of jax.jit.
+    for field in ("router_kwargs", "loss_weights"):
+      value = getattr(self, field)
+      if value is not None and not isinstance(value, FrozenDict):
+        object.__setattr__(self, field, FrozenDict(value))
     validation.positive_int("num_experts", self.num_experts)
     validation.positive_int("hidden_dim", self.hidden_dim)
     validation.positive_int("top_k", self.top_k)

@@ -21,8 +21,8 @@ def _generated(path: str) -> str:
   return text.split(harness.READING)[0].rstrip("\n")
 
 
-@pytest.mark.parametrize("name", ["balance", "ec_capacity", "granularity", "router_zoo",
-                                  "routing_analysis"])
+@pytest.mark.parametrize("name", ["balance", "ec_capacity", "granularity", "interventions",
+                                  "router_zoo", "router_zoo_2", "routing_analysis"])
 def test_report_is_regenerated_from_its_json(name, tmp_path):
   path = os.path.join(RESULTS, f"{name}.json")
   if not os.path.exists(path):

@@ -32,8 +32,8 @@ REPORT_DIR = "interventions"
 @dataclasses.dataclass(frozen=True, eq=False)
 class Frozen:
   """A TransformerLM with MoE layers and its variables (`params`, `routing`,
-  unboxed);
-  compiled functions of it are cached on the instance (compared by identity)."""
+  unboxed) at training step `step`. Compared by identity (the variables are
+  arrays); its compiled functions are cached per model, which is hashable."""
 
   model: Any
   variables: Mapping[str, Any]
@@ -46,31 +46,33 @@ class Frozen:
 
   def apply(self, tokens: Array, collection: Optional[Mapping] = None) -> tuple[Array, dict]:
     """tokens int[B, L] -> (logits [B, L, V], aux) in evaluation mode, with the
-    `logit_bias` collection when given (jitted)."""
-    return self._apply(self.variables, tokens, collection)
-
-  @functools.cached_property
-  def _apply(self):
-    def apply(variables, tokens, collection):
-      return self.model.apply(biases.with_bias(variables, collection), tokens,
-                              deterministic=True, step=jnp.int32(self.step))
-    return jax.jit(apply)
+    `logit_bias` collection when given (jitted: one program per model, shapes
+    and collection structure, whatever the variables)."""
+    return apply_model(self.model, jnp.int32(self.step), self.variables, tokens, collection)
 
   def with_variables(self, variables: Mapping[str, Any]) -> "Frozen":
     """This model with other variables (e.g. traced ones, inside a jitted function)."""
     return dataclasses.replace(self, variables=variables)
 
   def zero_bias(self, batch: int, length: int) -> dict:
-    """The `logit_bias` collection with every delta zero [E'] for inputs [B, L]."""
-    key = (batch, length)
-    if key not in self._zero_bias:
-      self._zero_bias[key] = biases.zeros(self.model, self.variables,
-                                          jnp.zeros(key, jnp.int32))
-    return self._zero_bias[key]
+    """The `logit_bias` collection with every delta zero [E'] for inputs [B, L]
+    (its shapes found once per model and input shape)."""
+    key = (self.model, batch, length)
+    if key not in _ZERO_BIAS:
+      _ZERO_BIAS[key] = biases.zeros(self.model, self.variables,
+                                     jnp.zeros((batch, length), jnp.int32))
+    return _ZERO_BIAS[key]
 
-  @functools.cached_property
-  def _zero_bias(self) -> dict:
-    return {}
+
+_ZERO_BIAS: dict = {}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply_model(model, step: Array, variables: Mapping[str, Any], tokens: Array,
+                collection: Optional[Mapping]) -> tuple[Array, dict]:
+  """model.apply in evaluation mode with the `logit_bias` collection (or none)."""
+  return model.apply(biases.with_bias(variables, collection), tokens, deterministic=True,
+                     step=step)
 
 
 def token_nll(frozen: Frozen, tokens: Array, collection: Optional[Mapping] = None) -> Array:

@@ -68,13 +68,13 @@ def chosen_layers(widths: Mapping[str, int], layers: Optional[tuple[str, ...]],
 
 
 @functools.lru_cache(maxsize=32)
-def _fit(frozen: Frozen, steps: int, learning_rate: float):
+def _fit(model, step: int, steps: int, learning_rate: float):
   """fit(deltas, variables, zero, tokens) -> (deltas, losses), jitted once per
   model and settings."""
   tx = optax.adam(learning_rate)
 
   def context_loss(deltas, variables, zero, tokens):
-    nll = token_nll(frozen.with_variables(variables), tokens,
+    nll = token_nll(Frozen(model, variables, step), tokens,
                     biases.to_collection(zero, deltas))
     per_sequence = jnp.mean(nll, axis=1)
     return jnp.sum(per_sequence), per_sequence
@@ -110,7 +110,7 @@ def adapt(frozen: Frozen, context: Array, settings: Settings = Settings(),
   if init is not None:
     deltas = {l: jnp.broadcast_to(jnp.asarray(init[l], jnp.float32), (batch, widths[l]))
               for l in layers}
-  fit = _fit(frozen, settings.steps, settings.learning_rate)
+  fit = _fit(frozen.model, frozen.step, settings.steps, settings.learning_rate)
   return fit(deltas, frozen.variables, zero, context)
 
 

@@ -36,6 +36,7 @@ trained checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -96,19 +97,23 @@ def _merge(routers: dict, rest: dict) -> dict:
   return flax.traverse_util.unflatten_dict({**rest, **routers})
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _pooled(model, step: Array, variables: Any, tokens: Array) -> Array:
+  _, state = model.apply(
+      variables, tokens, deterministic=True, step=step,
+      capture_intermediates=lambda module, name: module.name == "final_norm",
+      mutable=["intermediates"])
+  (hidden,) = state["intermediates"]["final_norm"]["__call__"]
+  return jnp.mean(hidden.astype(jnp.float32), axis=1)
+
+
 def embeddings(frozen: Frozen, rows: np.ndarray, batch: int = 32) -> np.ndarray:
   """float32[N, D]: the mean over tokens of the final RMSNorm's output for each
   row of rows int[N, L + 1] (its first L tokens)."""
-  @jax.jit
-  def pooled(variables, tokens):
-    _, state = frozen.model.apply(
-        variables, tokens, deterministic=True, step=jnp.int32(frozen.step),
-        capture_intermediates=lambda module, name: module.name == "final_norm",
-        mutable=["intermediates"])
-    (hidden,) = state["intermediates"]["final_norm"]["__call__"]
-    return jnp.mean(hidden.astype(jnp.float32), axis=1)
   rows = np.asarray(rows, np.int32)
-  return np.concatenate([np.asarray(pooled(frozen.variables, rows[s:s + batch, :-1]))
+  step = jnp.int32(frozen.step)
+  return np.concatenate([np.asarray(_pooled(frozen.model, step, frozen.variables,
+                                            rows[s:s + batch, :-1]))
                          for s in range(0, rows.shape[0], batch)])
 
 
@@ -133,6 +138,34 @@ def routing_profiles(aux: dict, batch: int) -> dict[str, Array]:
           for layer, a in aux.items()}
 
 
+@functools.lru_cache(maxsize=16)
+def _train_step(model, learning_rate: float, batch: int, k: int):
+  """step(trainable, opt_state, tokens, rest, others, step, weight) -> (trainable,
+  opt_state, [CE, alignment]) with Adam, jitted once per model, rate and shapes."""
+  tx = optax.adam(learning_rate)
+
+  def loss_fn(trainable, tokens, rest, others, step, weight):
+    variables = {**others, "params": _merge(trainable, rest)}
+    logits, aux = model.apply(variables, tokens[:, :-1], deterministic=True, step=step)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:batch], tokens[:batch, 1:])
+    align = jnp.zeros((), jnp.float32)
+    for r in routing_profiles(aux, tokens.shape[0]).values():
+      own = r[:batch][:, None, :]                                   # [B, 1, E']
+      anchor = jax.lax.stop_gradient(r[batch:]).reshape(batch, k, -1)
+      align = align + jnp.sum((own - anchor) ** 2) / (k * batch)
+    ce = jnp.mean(nll)
+    return ce + weight * align, (ce, align)
+
+  @jax.jit
+  def train_step(trainable, opt_state, tokens, rest, others, step, weight):
+    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, tokens, rest, others, step, weight)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, jnp.stack(parts)
+
+  return train_step
+
+
 def finetune(frozen: Frozen, rows: np.ndarray, pool: np.ndarray,
              settings: Settings = Settings(), log=None) -> tuple[Frozen, np.ndarray]:
   """Trains the routers alone on rows int[N, L + 1], aligning each row's routing
@@ -148,32 +181,13 @@ def finetune(frozen: Frozen, rows: np.ndarray, pool: np.ndarray,
   same = rows.shape == pool.shape and bool(np.array_equal(rows, pool))
   neighbours = successful_neighbours(embeddings(frozen, rows), embeddings(frozen, pool),
                                      pool_nll, settings.neighbours, exclude_self=same)
-  tx = optax.adam(settings.learning_rate)
   others = {k: v for k, v in frozen.variables.items() if k != "params"}
-  k, batch = settings.neighbours, settings.batch_size
-
-  def loss_fn(trainable, tokens):
-    variables = {**others, "params": _merge(trainable, rest)}
-    logits, aux = frozen.model.apply(variables, tokens[:, :-1], deterministic=True,
-                                     step=jnp.int32(frozen.step))
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:batch], tokens[:batch, 1:])
-    profiles = routing_profiles(aux, tokens.shape[0])
-    align = jnp.zeros((), jnp.float32)
-    for r in profiles.values():
-      own = r[:batch][:, None, :]                                   # [B, 1, E']
-      anchor = jax.lax.stop_gradient(r[batch:]).reshape(batch, k, -1)
-      align = align + jnp.sum((own - anchor) ** 2) / (k * batch)
-    ce = jnp.mean(nll)
-    return ce + settings.weight * align, (ce, align)
-
-  @jax.jit
-  def step(trainable, opt_state, tokens):
-    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, tokens)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, jnp.stack(parts)
+  batch = settings.batch_size
+  step = _train_step(frozen.model, settings.learning_rate, batch, settings.neighbours)
+  fixed = (rest, others, jnp.int32(frozen.step), jnp.float32(settings.weight))
 
   rng = np.random.default_rng(settings.seed)
-  opt_state, history = tx.init(routers), []
+  opt_state, history = optax.adam(settings.learning_rate).init(routers), []
   order, position = rng.permutation(rows.shape[0]), 0
   for s in range(settings.steps):
     if position + batch > rows.shape[0]:                   # a new epoch, reshuffled
@@ -181,7 +195,7 @@ def finetune(frozen: Frozen, rows: np.ndarray, pool: np.ndarray,
     picked = order[position:position + batch]
     position += batch
     tokens = np.concatenate([rows[picked], pool[neighbours[picked].reshape(-1)]])
-    routers, opt_state, parts = step(routers, opt_state, tokens)
+    routers, opt_state, parts = step(routers, opt_state, tokens, *fixed)
     history.append(np.asarray(parts))
     if log and (s + 1) % max(1, settings.steps // 10) == 0:
       log(f"roma step {s + 1}/{settings.steps}: ce {history[-1][0]:.4f}, "
