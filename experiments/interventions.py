@@ -196,7 +196,8 @@ def write_report(path: str, data, args) -> None:
   lines += ["What this scale cannot test: the papers intervene on models of 1B-100B "
             "parameters with 16-64 MoE layers, on tasks with answers (code, multilingual "
             "QA, reasoning), where 'successful' neighbours and the oracle are defined by "
-            "correctness; here a byte-level model of 4 MoE layers trained 600 steps on CPU, "
+            f"correctness; here a byte-level model of {LAYERS} MoE layers trained "
+            f"{meta.get('steps', args.steps)} steps on CPU, "
             "where success is a below-median loss and every figure is a next-byte loss. "
             "Steering needs domain labels: stdlib_text has none, so its steering arms are "
             "empty.", ""]

@@ -51,7 +51,7 @@ def run_config(workdir: str):
   config = ml_collections.ConfigDict(values)
   if not config.model.moe_every:
     raise AnalyzeError(f"--workdir {workdir} holds a dense model (model.moe_every = 0): "
-                       "it has no routing to analyse")
+                       "it has no routing to analyse or intervene on")
   return config
 
 

@@ -16,8 +16,9 @@ device and reads --rows evaluation rows that each lie inside one document
 (moejax.interventions.frozen.sequence_rows; rows across a document boundary are
 skipped and counted in the report). It writes
 DIR/interventions/<method>_step<S>.json (every per-row figure) and .md (means
-with 95% bootstrap intervals over rows), and prints the .md path; the run's
-checkpoints are only read.
+with 95% bootstrap intervals over rows; reroute with --prompt:
+reroute_generate_step<S>), and prints the .md path; the run's checkpoints are
+only read.
 
   reroute  the deltas are fitted on each row's first P tokens; the report gives
            the continuation's nll with and without them. With --prompt the
@@ -229,11 +230,13 @@ def intervene(args, log=None) -> str:
   log(f"{args.method} on {args.workdir} at step {frozen.step}")
   data, lines = RUNNERS[args.method](frozen, config, args)
   out = frozens.report_dir(args.workdir)
-  stem = os.path.join(out, f"{args.method}_step{frozen.step}")
+  generating = args.method == "reroute" and args.prompt is not None
+  name = "reroute_generate" if generating else args.method
+  stem = os.path.join(out, f"{name}_step{frozen.step}")
   with open(stem + ".json", "w", encoding="utf-8") as f:
     json.dump({"method": args.method, "step": frozen.step, **data}, f, default=str)
   with open(stem + ".md", "w", encoding="utf-8") as f:
-    f.write("\n".join([f"# {args.method}: {os.path.basename(args.workdir)}, step "
+    f.write("\n".join([f"# {name}: {os.path.abspath(args.workdir)}, step "
                        f"{frozen.step}", ""] + lines))
   return stem + ".md"
 

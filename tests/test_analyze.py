@@ -174,3 +174,14 @@ def test_intervene_cli_errors_name_the_argument(run, capsys, argv, message):
   assert intervene.main(["--workdir", run, *argv]) == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith("intervene error:") and message in err
+
+
+def test_intervene_refuses_a_dense_checkpoint(analyzed, tmp_path, capsys):
+  from moejax import intervene
+  dense = tmp_path / "dense"
+  dense.mkdir()
+  config = json.load(open(os.path.join(analyzed, "config.json"), encoding="utf-8"))
+  config["model"]["moe_every"] = 0
+  json.dump(config, open(dense / "config.json", "w", encoding="utf-8"))
+  assert intervene.main(["--workdir", str(dense), "--method", "oracle"]) == 1
+  assert "holds a dense model" in capsys.readouterr().err

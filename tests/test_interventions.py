@@ -20,7 +20,7 @@ V, N, L = 16, 4, 9          # vocabulary, rows, tokens per row (8 inputs)
 
 @functools.lru_cache(maxsize=None)
 def _frozen(router="topk", **model):
-  moe = dict(num_experts=4, top_k=2, hidden_dim=16, router=router)
+  moe = dict(num_experts=4, top_k=2, hidden_dim=16, router=router, engine="loop")
   lm = TransformerLM(vocab_size=V, num_layers=model.get("num_layers", 2), model_dim=16,
                      num_heads=2, mlp_dim=32, moe=moe)
   variables = lm.init(jax.random.PRNGKey(0), jnp.zeros((1, L - 1), jnp.int32))
