@@ -161,6 +161,6 @@ def generate(frozen: Frozen, prompt: Array, max_new_tokens: int,
                                       deltas)
     key = None if rng is None else jax.random.fold_in(rng, done)
     tokens = sample(frozen.model, biases.with_bias(frozen.variables, collection), tokens,
-                    count, temperature=temperature, rng=key)
+                    count, temperature=temperature, rng=key, step=frozen.step)
     done += count
   return tokens, deltas

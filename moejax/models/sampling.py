@@ -53,7 +53,8 @@ CACHE = "cache"
 
 def generate(model: TransformerLM, variables: Mapping[str, Any], prompt: Array,
              max_new_tokens: int, *, temperature: float = 0.0,
-             rng: Optional[Array] = None, use_cache: Optional[bool] = None) -> Array:
+             rng: Optional[Array] = None, use_cache: Optional[bool] = None,
+             step: Optional[int] = None) -> Array:
   """Continues each row of `prompt` by `max_new_tokens` tokens. See the module
   docstring.
 
@@ -68,6 +69,8 @@ def generate(model: TransformerLM, variables: Mapping[str, Any], prompt: Array,
     use_cache: None: the KV cache unless the router reads earlier tokens
       (reads_earlier_tokens), then recompute; True: the cache (refused for such a
       router); False: recompute.
+    step: the training step the routers see (RoutingContext.step: schedules such
+      as ReXMoE's candidates); None as at model.apply's default.
 
   Returns:
     int32[B, P + N]: the prompt followed by the N new tokens.
@@ -81,10 +84,11 @@ def generate(model: TransformerLM, variables: Mapping[str, Any], prompt: Array,
   variables = {name: value for name, value in variables.items() if name != CACHE}
   prompt = prompt.astype(jnp.int32)
   temperature = jnp.float32(temperature)
+  step = None if step is None else jnp.int32(step)
   if cached:
-    return _cached(model, variables, prompt, max_new_tokens, temperature, keys)
+    return _cached(model, variables, prompt, max_new_tokens, temperature, keys, step)
   return _recomputed(_without_capacity(model), variables, prompt, max_new_tokens,
-                     temperature, keys)
+                     temperature, keys, step)
 
 
 def _check(model: TransformerLM, prompt: Array, max_new_tokens: Any, temperature: Any,
@@ -142,12 +146,12 @@ def _positions(batch: int, start: Any, length: int) -> Array:
 
 
 def _decode_call(model: TransformerLM, variables: Mapping[str, Any], cache: Any,
-                 tokens: Array, start: Any) -> tuple[Array, Any]:
+                 tokens: Array, start: Any, step: Optional[Array]) -> tuple[Array, Any]:
   """Feeds tokens int32[B, n] at positions [start, start + n) through the cache ->
   (logits float32[B, n, V], the updated cache)."""
   positions = _positions(tokens.shape[0], start, tokens.shape[1])
   (logits, _), updated = model.apply({**variables, CACHE: cache}, tokens, positions,
-                                     decode=True, mutable=[CACHE])
+                                     decode=True, step=step, mutable=[CACHE])
   return logits, updated[CACHE]
 
 
@@ -166,33 +170,36 @@ def _empty_cache(model: TransformerLM, variables: Mapping[str, Any], batch: int,
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _cached(model: TransformerLM, variables: Mapping[str, Any], prompt: Array,
-            max_new_tokens: int, temperature: Array, keys: Array) -> Array:
+            max_new_tokens: int, temperature: Array, keys: Array,
+            step: Optional[Array]) -> Array:
   """Prefill of the prompt [B, P], then one cached step per new token."""
   batch, length = prompt.shape
   cache = _empty_cache(model, variables, batch, length + max_new_tokens)
-  logits, cache = _decode_call(model, variables, cache, prompt, 0)
+  logits, cache = _decode_call(model, variables, cache, prompt, 0, step)
   tokens = _write(_buffer(prompt, max_new_tokens),
                   _pick(logits[:, -1], temperature, keys[0]), length)
 
-  def step(t, state):
+  def one(t, state):
     tokens, cache = state
     last = length + t - 1
     logits, cache = _decode_call(model, variables, cache,
-                                 lax.dynamic_slice_in_dim(tokens, last, 1, axis=1), last)
+                                 lax.dynamic_slice_in_dim(tokens, last, 1, axis=1), last,
+                                 step)
     return _write(tokens, _pick(logits[:, 0], temperature, keys[t]), last + 1), cache
 
-  return lax.fori_loop(1, max_new_tokens, step, (tokens, cache))[0]
+  return lax.fori_loop(1, max_new_tokens, one, (tokens, cache))[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _recomputed(model: TransformerLM, variables: Mapping[str, Any], prompt: Array,
-                max_new_tokens: int, temperature: Array, keys: Array) -> Array:
+                max_new_tokens: int, temperature: Array, keys: Array,
+                step: Optional[Array]) -> Array:
   """One full forward of the buffer [B, P + N] per new token."""
   length = prompt.shape[1]
 
-  def step(t, tokens):
-    logits, _ = model.apply(variables, tokens)
+  def one(t, tokens):
+    logits, _ = model.apply(variables, tokens, step=step)
     last = lax.dynamic_index_in_dim(logits, length + t - 1, axis=1, keepdims=False)
     return _write(tokens, _pick(last, temperature, keys[t]), length + t)
 
-  return lax.fori_loop(0, max_new_tokens, step, _buffer(prompt, max_new_tokens))
+  return lax.fori_loop(0, max_new_tokens, one, _buffer(prompt, max_new_tokens))
