@@ -5,8 +5,9 @@ chosen layers are fitted to the next-token loss of the context seen so far,
 
   delta* = argmin_delta  mean_{t < P - 1} nll(x_{t+1} | x_{<=t}; delta)
 
-by `steps` Adam steps from zero; the continuation is then scored, or generated,
-with delta* held. Generating, the biases are fitted again every `adapt_every`
+by `steps` Adam steps from zero, keeping for each sequence the deltas of the
+step (the start included) with the lowest context loss; the continuation is then
+scored, or generated, with delta* held. Generating, the biases are fitted again every `adapt_every`
 new tokens on the whole sequence so far, starting from the previous delta*.
 
 Choices where the paper is open:
@@ -14,6 +15,9 @@ Choices where the paper is open:
   loss is the sum over sequences of each one's mean nll, so every prompt adapts
   to its own context alone, as it would run by itself;
 - Adam's state starts afresh at each fitting (the paper's few steps per prefill);
+- the best step is kept, not the last: top-K selection makes the loss piecewise
+  smooth, and a step that crosses a selection boundary can raise it, so the fit
+  never leaves a sequence worse on its own context than it found it;
 - defaults: every MoE layer, 10 steps, learning rate 0.1 (logits are O(1), so a
   few steps move the routing of the context's tokens but not far).
 
@@ -79,17 +83,26 @@ def _fit(model, step: int, steps: int, learning_rate: float):
     per_sequence = jnp.mean(nll, axis=1)
     return jnp.sum(per_sequence), per_sequence
 
+  def keep_best(best, best_loss, d, loss):
+    better = loss < best_loss                                       # [B]
+    best = jax.tree_util.tree_map(lambda b, n: jnp.where(better[:, None], n, b), best, d)
+    return best, jnp.minimum(best_loss, loss)
+
   @jax.jit
   def fit(deltas, variables, zero, tokens):
     def one(carry, _):
-      d, state = carry
+      d, state, best, best_loss = carry
       (_, per_sequence), grads = jax.value_and_grad(context_loss, has_aux=True)(
           d, variables, zero, tokens)
+      best, best_loss = keep_best(best, best_loss, d, per_sequence)
       updates, state = tx.update(grads, state, d)
-      return (optax.apply_updates(d, updates), state), per_sequence
-    (deltas, _), losses = jax.lax.scan(one, (deltas, tx.init(deltas)), None, length=steps)
+      return (optax.apply_updates(d, updates), state, best, best_loss), per_sequence
+    start = jnp.full((tokens.shape[0],), jnp.inf, jnp.float32)
+    (deltas, _, best, best_loss), losses = jax.lax.scan(
+        one, (deltas, tx.init(deltas), deltas, start), None, length=steps)
     _, last = context_loss(deltas, variables, zero, tokens)
-    return deltas, jnp.concatenate([losses, last[None]], axis=0)
+    best, _ = keep_best(best, best_loss, deltas, last)
+    return best, jnp.concatenate([losses, last[None]], axis=0)
 
   return fit
 
@@ -97,8 +110,9 @@ def _fit(model, step: int, steps: int, learning_rate: float):
 def adapt(frozen: Frozen, context: Array, settings: Settings = Settings(),
           init: Optional[Mapping[str, Array]] = None) -> tuple[dict[str, Array], Array]:
   """Fits the deltas to context int[B, P] (P >= 2). Returns ({layer: delta
-  [B, E']}, the context's mean nll per sequence before each step and after the
-  last, [steps + 1, B])."""
+  [B, E']}, each sequence's best step's), and the context's mean nll per
+  sequence before each step and after the last, [steps + 1, B]: the kept deltas'
+  loss is its minimum over steps."""
   context = jnp.asarray(context, jnp.int32)
   if context.ndim != 2 or context.shape[1] < 2:
     raise ValueError(f"context must be int[B, P] with P >= 2, got shape {context.shape}")
@@ -142,6 +156,7 @@ def reroute_rows(frozen: Frozen, rows: Array, prompt_len: int,
   return {"plain": np.asarray(continuation_nll(frozen, rows, prompt_len)),
           "rerouted": np.asarray(continuation_nll(frozen, rows, prompt_len, deltas)),
           "context_loss": np.asarray(context_loss),
+          "context_loss_kept": np.asarray(context_loss).min(axis=0),
           "deltas": {l: np.asarray(d) for l, d in deltas.items()}}
 
 
