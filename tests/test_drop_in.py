@@ -312,15 +312,23 @@ def full_and_cached_logits(cfg: TransformerConfig, tokens: jax.Array):
   return run(jax.random.key(1), tokens)
 
 
+# One causal router per kind of context a token's routing reads, beyond its own x:
+# none (topk; relu, top_p, null_experts and random route from x or a seed alone
+# as it does, and the registry runs their plans on every engine), its token id
+# (hash), the previous layer's carry (recurrent), the step and an expert pool
+# (rexmoe). A router of a new kind joins this list.
+DECODE_ROUTERS = ("topk", "hash", "recurrent", "rexmoe")
+
+
 @pytest.mark.parametrize("router,capacity_factor",
-                         [(r, None) for r in CAUSAL_ROUTERS] + [("topk", 1.0)])
+                         [(r, None) for r in DECODE_ROUTERS] + [("topk", 1.0)])
 def test_cached_decode_equals_full_forward(router, capacity_factor):
   """With MoE(decode=True), token-by-token decoding with the attention cache gives
-  the logits of the full forward, for every causal router, and with a capacity
-  factor (the layer's decode routing has none, whatever the router). Without
-  decode routing, capacity depends on the number of tokens per call, and the two
-  differ."""
-  assert {"topk", "hash", "random", "relu", "top_p", "null_experts"} <= set(CAUSAL_ROUTERS)
+  the logits of the full forward, for each kind of causal router
+  (DECODE_ROUTERS), and with a capacity factor (the layer's decode routing has
+  none, whatever the router). Without decode routing, capacity depends on the
+  number of tokens per call, and the two differ."""
+  assert set(DECODE_ROUTERS) <= set(CAUSAL_ROUTERS)
   cfg = TransformerConfig(router=router, capacity_factor=capacity_factor, deterministic=True)
   tokens = synthetic_tokens()
   want, got = full_and_cached_logits(cfg, tokens)
