@@ -1,7 +1,7 @@
 """Fine-grained and shared experts (DeepSeekMoE) at equal active and total parameters.
 
   PYTHONPATH=. TFDS_DATA_DIR=/tmp/tfds python experiments/granularity.py [--steps 600] \\
-      [--seeds 3] [--baseline_seeds 5] [--datasets synthetic_domains,stdlib_text] \\
+      [--seeds 3] [--baseline_seeds 3] [--datasets synthetic_domains,stdlib_text] \\
       [--arms all] [--workdir DIR] [--report_only]
 
 DeepSeekMoE (Dai et al. 2024) splits each of E experts of width F into m experts
@@ -21,8 +21,9 @@ MI(domain; expert) on synthetic_domains, whose 8 Markov-chain domains are known.
 MI grows with the number of experts it can spread over (at most log of it), so
 the report gives it beside its bound. On the harness (experiments/harness.py):
 every run saved to <out>.json at once, a rerun resuming, claims decided from paired
-t intervals against m1 (and mX_shared against mX). About 3.5 minutes per run on a
-2-core CPU at 600 steps.
+t intervals against m1 (and mX_shared against mX). Every claim is a paired
+difference over the seeds both arms share, so m1 runs the same 3 seeds as the others.
+About 3.5 minutes per run on a 2-core CPU at 600 steps.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def write_report(path: str, data, args) -> None:
 
 def main() -> None:
   harness.grid_main(__doc__.splitlines()[0], "granularity", "m1", ARMS, DATASETS, run,
-                    lambda data, args: write_report(args.out + ".md", data, args))
+                    lambda data, args: write_report(args.out + ".md", data, args),
+                    default_baseline_seeds=3)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def _generated(path: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["balance", "ec_capacity", "granularity", "interventions",
-                                  "router_zoo", "router_zoo_2", "routing_analysis"])
+                                  "longer", "router_zoo", "router_zoo_2", "routing_analysis"])
 def test_report_is_regenerated_from_its_json(name, tmp_path):
   path = os.path.join(RESULTS, f"{name}.json")
   if not os.path.exists(path):
