@@ -52,6 +52,7 @@ DATASETS = ("synthetic_domains", "stdlib_text")
 # split (stdlib_text's first 20 batches hold only 3 of its 202 domains).
 FULL_VALIDATION = 100_000
 ERC_METRICS = ("erc_diagonal_share", "erc_diagonal_ratio")
+THROUGHPUT = os.path.join(REPO, "experiments", "results", "balance_throughput.json")
 
 
 def run_config(method: str, dataset: str, seed: int, steps: int, data_dir: str):
@@ -158,27 +159,27 @@ def write_report(path: str, data, args) -> None:
            "over layers and the last quarter of training; MaxVio of each validation batch "
            "(16 rows), averaged, and of the load summed over all validation batches; "
            "plug-in mutual information between the document's domain and the chosen expert "
-           "on the validation batches, nats, mean over the 2 layers. Tokens/s: the median "
-           "over logging windows of each run, as the range over seeds (a shared machine; "
-           "`switch_global` runs one extra forward pass per step to count).", ""]
+           "on the validation batches, nats, mean over the 2 layers. Training cost is timed "
+           "interleaved in one process (its section below; `switch_global` runs one extra "
+           "forward pass per step to count).", ""]
   for dataset in harness.datasets_with_runs(data):
     comparisons = {key: harness.compare(data, key, dataset) for key, _, _ in COLUMNS}
     lines += [f"## {dataset}", "",
-              "| method | n | " + " | ".join(c[1] for c in COLUMNS) + " | tokens/s | "
-              "ERC diagonal share / ratio |", "|---|---|" + "---|" * (len(COLUMNS) + 2)]
+              "| method | n | " + " | ".join(c[1] for c in COLUMNS) + " | "
+              "ERC diagonal share / ratio |", "|---|---|" + "---|" * (len(COLUMNS) + 1)]
     for method in data["arms"]:
       if not comparisons["loss"][method]["spread"]["n"]:
         continue
       cells = [harness.fmt_cell(comparisons[key][method], digits) for key, _, digits in COLUMNS]
-      tps = harness.spread(list(harness.values_by_seed(data, "tokens_per_s", dataset,
-                                                       method).values()))
       erc = [harness.spread(list(harness.values_by_seed(data, name, dataset,
                                                         method).values()))["mean"]
              for name in ERC_METRICS]
       lines.append(f"| {method} | {comparisons['loss'][method]['spread']['n']} | "
-                   + " | ".join(cells) + f" | [{f(tps['min'], 0)}, {f(tps['max'], 0)}] | "
+                   + " | ".join(cells) + " | "
                    + ("–" if erc[0] is None else f"{f(erc[0])} / {f(erc[1], 2)}") + " |")
     lines += ["", *harness.claim_rows(data, dataset, CLAIM_TESTS), ""]
+  import throughput  # pylint: disable=g-import-not-at-top
+  lines += throughput.report_lines(THROUGHPUT)
   lines += ["Verdicts (experiments/harness.py): `lower`/`higher` hold when the interval "
             "excludes 0 in that direction and do not hold when it excludes 0 the other way; "
             "`no_worse` holds when the interval lies below the reference's own seed "

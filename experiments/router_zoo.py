@@ -11,7 +11,7 @@ finished run saved to <out>.json at once, a rerun resuming the grid. Per run:
 
   loss, bits/byte   validation (the whole split), after the last step
   tokens/s          training, median over logging windows (kept in the JSON; the
-                    report's cost comes from experiments/zoo_throughput.py, timed
+                    report's cost comes from experiments/throughput.py, timed
                     interleaved at initialisation and trained)
   MaxVio            training (last quarter of the logged steps) and validation, mean
                     over layers (soft: of its summary plan, see the report)
@@ -273,35 +273,13 @@ def write_report(path: str, data, args) -> None:
   harness.write_report(path, lines, harness.digest(data["runs"]))
 
 
-THROUGHPUT = os.path.join(REPO, "experiments", "results", "zoo_throughput.json")
+THROUGHPUT = os.path.join(REPO, "experiments", "results", "router_zoo_throughput.json")
 
 
 def throughput_lines() -> list[str]:
-  """The training cost section, from zoo_throughput.json (experiments/zoo_throughput.py)."""
-  if not os.path.exists(THROUGHPUT):
-    return ["## Training cost", "", "Not measured yet: run experiments/zoo_throughput.py.", ""]
-  data = harness.load(THROUGHPUT)
-  meta, f = data["meta"], harness.fmt
-  rows = {(r["router"], r["state"]): r for r in data["results"]}
-  lines = ["## Training cost, interleaved", "",
-           f"`{meta['command']}`: the full train step of each router's run on "
-           f"{meta['dataset']} (seed {meta['seed']}), with its initial and its trained "
-           f"state, timed round-robin in one process ({meta['rounds']} rounds of "
-           f"{meta['steps_per_round']} steps each). Tokens/s: median over rounds "
-           "[interquartile range]; × topk: median of the per-round ratio to topk at the "
-           f"same state. Machine: {meta['machine']}.", "",
-           "| router | experts/token init → trained | tokens/s init | tokens/s trained | "
-           "× topk init | × topk trained |", "|---|---|---|---|---|---|"]
-  for router in dict.fromkeys(r for r, _ in rows):
-    init, trained = rows.get((router, "init")), rows.get((router, "trained"))
-    if init is None or trained is None:
-      continue
-    cell = lambda r: (f"{f(r['tokens_per_s_median'], 0)} [{f(r['tokens_per_s_q1'], 0)}, "
-                      f"{f(r['tokens_per_s_q3'], 0)}]")
-    lines.append(f"| {router} | {f(init['experts_per_token'], 2)} → "
-                 f"{f(trained['experts_per_token'], 2)} | {cell(init)} | {cell(trained)} | "
-                 f"{f(init['ratio_to_topk'], 2)} | {f(trained['ratio_to_topk'], 2)} |")
-  return lines + [""]
+  """The training cost section (experiments/throughput.py --grid router_zoo)."""
+  import throughput  # pylint: disable=g-import-not-at-top
+  return throughput.report_lines(THROUGHPUT)
 
 
 def write_plot(path: str, data) -> None:
