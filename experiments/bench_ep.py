@@ -1,8 +1,12 @@
 """Expert parallelism on 8 devices: plain all_to_all EP, LLEP and the dropless
 all-gather path under balanced, Zipf-skewed and single-expert-skewed routing.
 
-  PYTHONPATH=. python experiments/bench_ep.py > ep.jsonl          # 8 simulated CPU devices
-  PYTHONPATH=. python experiments/bench_ep.py --summarize ep.jsonl  # the markdown table
+  # 8 simulated CPU devices
+  PYTHONPATH=. python experiments/bench_ep.py --size cpu --repeats 7 \\
+      > experiments/results/bench_ep_cpu.jsonl
+  # the report experiments/results/bench_ep.md from those JSON lines
+  PYTHONPATH=. python experiments/bench_ep.py --summarize \\
+      experiments/results/bench_ep_cpu.jsonl --out experiments/results/bench_ep.md
 
 What is timed: the jitted forward+backward (grad of sum(sin(y)) with respect to x
 and the expert weights) of moejax.parallel.expert_parallel_apply under shard_map
@@ -28,6 +32,10 @@ compile-time per-device memory estimate. On simulated CPU devices the devices
 share the host's cores, so times follow total work, not the slowest device:
 there the load statistics and memory are the result, and the times need a real
 multi-GPU run.
+
+Output: one JSON object per line on stdout, one per (scenario, method), each with
+the machine description; progress on stderr. --summarize writes the markdown
+report of such a file (its "## Reading" section, written by hand, is kept).
 """
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
 from bench_layer import log, machine, memory  # noqa: E402
+from report_file import results_path, write_or_print  # noqa: E402
 from moejax import dispatch  # noqa: E402
 from moejax.core import RoutingPlan  # noqa: E402
 from moejax.experts import ExpertFFN  # noqa: E402
@@ -158,31 +167,100 @@ def bench(size: str, repeats: int):
              "repeats": repeats}
 
 
-def summarize(path: str) -> None:
+# The methods whose rows per device the report lists, for every skewed scenario.
+ROW_METHODS = ("ep", "llep", "llep_cf1.25", "ep_ragged", "llep_ragged_cf1.25")
+
+
+def read_records(path: str) -> list[dict]:
+  """The JSON lines of the file at `path`."""
   with open(path, encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  print("| routing | method | ms (median) | vs ep | max/mean device rows | dropped | "
-        "peak MiB/device |")
-  print("|---|---|---|---|---|---|---|")
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def device_rows(rows: list[int]) -> str:
+  """Rows per device, a run of 4 or more equal values written `value × count`."""
+  parts, i = [], 0
+  while i < len(rows):
+    j = i
+    while j < len(rows) and rows[j] == rows[i]:
+      j += 1
+    parts += [f"{rows[i]} × {j - i}"] if j - i >= 4 else [str(v) for v in rows[i:j]]
+    i = j
+  return " ".join(parts)
+
+
+def machine_line(records: list[dict], path: str) -> str:
+  """The report's machine sentence, from the records' `machine` where they have one."""
+  info = records[0].get("machine")
+  devices = records[0]["devices"]
+  if not info:
+    return f"Machine: not recorded in {os.path.basename(path)}."
+  line = (f"Machine: {info['cpu_count']}-core {info['cpu_model']}, {info['ram_gib']} GiB, "
+          f"JAX {info['jax']} {info['backend'].upper()}")
+  if info["backend"] == "cpu":
+    return (line + f", {devices} devices simulated with "
+            f"`--xla_force_host_platform_device_count={devices}`.")
+  return line + f", {info['device_count']} × {info['device_kind']}."
+
+
+def report_lines(records: list[dict], path: str, out: str | None) -> list[str]:
+  """The markdown report of the JSON lines `records` read from `path`."""
+  s = records[0]
+  n = s["devices"]
+  out_part = f" --out {results_path(out)}" if out else ""
+  lines = [f"# Expert parallelism on {n} devices: plain EP, LLEP, dropless all-gather", "",
+           "`experiments/bench_ep.py` (its docstring gives the method):", "", "```",
+           f"PYTHONPATH=. python experiments/bench_ep.py --size {s['size']} --repeats "
+           f"{s['repeats']} > {results_path(path)}",
+           f"PYTHONPATH=. python experiments/bench_ep.py --summarize {results_path(path)}"
+           + out_part, "```", ""]
+  lines.append(
+      machine_line(records, path) + f" T = {s['T']} tokens, D = {s['D']}, F = {s['F']} "
+      f"(SwiGLU), E = {s['E']}, top-{s['K']}, one expert-parallel group of {n} devices "
+      f"(mesh (1, {n}, 1), {s['E'] // n} experts each, A_local = {s['T'] * s['K'] // n} "
+      f"slots per device). Forward + backward, median of {s['repeats']} round-robin "
+      "repeats. The ratio is to `ep` in the same scenario. Peak memory is XLA's "
+      "compile-time estimate per device (arguments + outputs + temporaries).")
+  lines += ["", "| routing | method | ms (median) | vs ep | max/mean device rows | dropped | "
+            "peak MiB/device |", "|---|---|---|---|---|---|---|"]
   for r in records:
     peak = r["memory"].get("peak_estimate")
     mib = f"{peak / 2**20:.1f}" if peak else "n/a"
-    print(f"| {r['scenario']} | {r['method']} | {r['median_ms']:.1f} | {r['vs_ep']:.2f}x | "
-          f"{r['max_over_mean']:.2f} | {r['dropped']} | {mib} |")
+    lines.append(f"| {r['scenario']} | {r['method']} | {r['median_ms']:.1f} | "
+                 f"{r['vs_ep']:.2f}x | {r['max_over_mean']:.2f} | {r['dropped']} | {mib} |")
+  methods = [m for m in ROW_METHODS if any(r["method"] == m for r in records)]
+  scenarios = [c for c in dict.fromkeys(r["scenario"] for r in records) if c != "balanced"]
+  rows = {(r["scenario"], r["method"]): r["device_rows"] for r in records}
+  lines += ["", "Rows per device (what each device's grouped matmul runs):", "",
+            "| routing | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+  for scenario in scenarios:
+    lines.append(f"| {scenario} | " + " | ".join(
+        device_rows(rows[scenario, m]) if (scenario, m) in rows else "-" for m in methods)
+        + " |")
+  return lines + [""]
 
 
-def main() -> None:
+def summarize(path: str, out: str | None = None) -> None:
+  """The markdown report of the JSON lines at `path`, written to `out` (its reading
+  kept) or printed."""
+  write_or_print(out, report_lines(read_records(path), path, out))
+
+
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--summarize", metavar="JSONL")
-  args = parser.parse_args()
+  parser.add_argument("--summarize", metavar="JSONL",
+                      help="write the markdown report of this file and exit")
+  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
+  args = parser.parse_args(argv)
   if args.summarize:
-    summarize(args.summarize)
+    summarize(args.summarize, args.out)
     return
-  log(json.dumps(machine()))
+  info = machine()
+  log(json.dumps(info))
   for record in bench(args.size, args.repeats):
-    print(json.dumps(record), flush=True)
+    print(json.dumps({**record, "machine": info}), flush=True)
 
 
 if __name__ == "__main__":

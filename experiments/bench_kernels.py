@@ -8,7 +8,8 @@ with backend `pallas` against a dense FFN.
   # H100 / H200 (default on GPU and TPU): throughput and targets
   PYTHONPATH=. python experiments/bench_kernels.py --mode perf \\
       > experiments/results/bench_kernels_gpu.jsonl
-  # the markdown report, from one or more JSON-lines files
+  # the markdown report, experiments/results/bench_kernels.md, from the JSON lines
+  # (a file not written yet, such as the GPU one before a GPU run, is skipped)
   PYTHONPATH=. python experiments/bench_kernels.py --summarize \\
       experiments/results/bench_kernels_cpu.jsonl experiments/results/bench_kernels_gpu.jsonl \\
       --out experiments/results/bench_kernels.md
@@ -636,8 +637,13 @@ def run_perf(args) -> None:
 
 
 def read_records(paths: list[str]) -> list[dict[str, Any]]:
+  """The JSON lines of the files at `paths`; a file not written yet (the GPU run's,
+  before a GPU has run it) is skipped with a note on stderr."""
   records = []
   for path in paths:
+    if not os.path.exists(path):
+      log(f"{path}: no such file, summarized without it")
+      continue
     with open(path, encoding="utf-8") as f:
       records += [json.loads(line) for line in f if line.startswith("{")]
   return records

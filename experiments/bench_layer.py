@@ -3,7 +3,10 @@
   PYTHONPATH=. python experiments/bench_layer.py > bench.jsonl          # default run
   PYTHONPATH=. python experiments/bench_layer.py --cases main_e8 \\
       --engines sorted_xla --block_sizes 64,128,256,512                 # block sweep
-  PYTHONPATH=. python experiments/bench_layer.py --summarize bench.jsonl  # markdown
+  # the report experiments/results/bench_layer_cpu.md from its three JSON-lines files
+  PYTHONPATH=. python experiments/bench_layer.py --summarize \\
+      experiments/results/bench_layer_cpu.jsonl experiments/results/bench_layer_cpu_blocks.jsonl \\
+      experiments/results/bench_layer_cpu_bf16.jsonl --out experiments/results/bench_layer_cpu.md
 
 What is timed: the jitted value_and_grad of sum(y**2) + aux.loss with respect to
 (params, x), for the MoE layer (router -> capacity -> engine -> experts) and for a
@@ -41,6 +44,11 @@ Nothing is allocated, so nothing can crash.
 Output: one JSON object per line on stdout, one per (case, engine, backend,
 block size), each with the machine description; one more for the einsum fit.
 Progress goes to stderr.
+
+Report (--summarize, one or more such files; --out the markdown file, whose "## Reading"
+section, written by hand, is kept): a file of float32 runs without a block sweep gives
+the main cases and the scaling curve, a file sweeping block sizes the block-size table,
+a file of another dtype its own table, and the einsum fit its table.
 """
 from __future__ import annotations
 
@@ -62,6 +70,7 @@ import numpy as np
 
 from moejax import MoE
 from moejax.experts import FFNWeights, dense_matmul
+from report_file import results_path, write_or_print  # (experiments/)
 
 # Main cases, and the scaling family: E varies at fixed K*F = 8*256 = 2048, so
 # active FLOPs stay those of main_e64 (which is the family's E=64 point). At E=8
@@ -372,52 +381,257 @@ def einsum_fit(args) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------
-# --summarize: JSON lines -> markdown tables
+# --summarize: JSON lines -> markdown report
+
+MAIN_CASES = tuple(name for name in CASES if name.startswith("main_"))
+SCALING = CASES["scale_e8"]          # the scaling family: these K, F, T, D at any E
 
 
 def _mib(n):
   return f"{n / MIB:,.0f}" if n is not None else "-"
 
 
-def summarize(path: str) -> None:
-  with open(path) as f:
-    objs = [json.loads(line) for line in f if line.startswith("{")]
-  cases = {}
-  for o in objs:
-    if o["bench"] == "layer":
-      cases.setdefault(o["case"], []).append(o)
-  for name, rows in cases.items():
-    c = rows[0]
-    print(f"\n### {name}: T={c['T']} D={c['D']} E={c['E']} K={c['K']} F={c['F']} "
-          f"(dense hidden {c['active_hidden']})\n")
-    print("| engine | backend | block | moe median ms (min) | dense median ms (min) | "
-          "ratio median | ratio min | peak est. MiB moe / dense | padding | dropped |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for o in rows:
-      mem = o["memory_bytes"]
-      r = o.get("routing", {})
-      block = o["block_size"] or (f"cf {o['capacity_factor']}" if o["capacity_factor"] else "-")
-      if o.get("status") == "ok":
-        cells = (f"{o['moe_ms']['median']:,.0f} ({o['moe_ms']['min']:,.0f})",
-                 f"{o['dense_ms']['median']:,.0f} ({o['dense_ms']['min']:,.0f})",
-                 f"**{o['ratio_median']:.2f}**", f"{o['ratio_min']:.2f}")
+def _percent(share: float) -> str:
+  return f"{100 * share:.1f}%"
+
+
+def _is_xla(o) -> bool:
+  return o["engine"] == "sorted" and o["backend"] == "xla"
+
+
+def _layers(records):
+  """The timed configurations among a file's records."""
+  return [o for o in records if o["bench"] == "layer"]
+
+
+def _swept(records) -> bool:
+  """Whether a file times one case at several block sizes."""
+  sizes = {}
+  for o in _layers(records):
+    if _is_xla(o):
+      sizes.setdefault(o["case"], set()).add(o["block_size"])
+  return any(len(v) > 1 for v in sizes.values())
+
+
+def _dtype(records) -> str:
+  return next((o["dtype"] for o in _layers(records)), "float32")
+
+
+def case_label(o, hidden: bool = True) -> str:
+  """A case as the report names it: E and K, and F unless `hidden` is False."""
+  return f"E={o['E']}, K={o['K']}" + (f", F={o['F']}" if hidden else "")
+
+
+def engine_label(o) -> str:
+  """An engine (with its backend, block or capacity factor) as the report names it."""
+  if _is_xla(o):
+    return f"sorted / xla, block {o['block_size']}"
+  if o["engine"] == "sorted":
+    return f"sorted / {o['backend']}"
+  if o["engine"] == "einsum":
+    cf = o["capacity_factor"]
+    return f"einsum, capacity factor {cf:g}" if cf else "einsum, dropless"
+  return o["engine"]
+
+
+def run_command(records, path: str) -> str:
+  """A command that writes the JSON lines of `records` (read from `path`)."""
+  layers = _layers(records)
+  options = []
+  cases = list(dict.fromkeys(o["case"] for o in layers))
+  if cases != list(CASES):
+    options.append(f"--cases {','.join(cases)}")
+  if all(_is_xla(o) for o in layers):
+    options.append("--skip_slow")
+  blocks = sorted({o["block_size"] for o in layers if _is_xla(o)})
+  if blocks and blocks != [128]:
+    options.append(f"--block_sizes {','.join(map(str, blocks))}")
+  if _dtype(records) != "float32":
+    options.append(f"--dtype {_dtype(records)}")
+  repeats = {o["repeats"] for o in layers}
+  if repeats and repeats != {5}:
+    options.append(f"--repeats {max(repeats)}")
+  if not any(o["bench"] == "layer_einsum_fit" for o in records):
+    options.append('--fit_experts ""')
+  return " ".join(["PYTHONPATH=. python experiments/bench_layer.py", *options,
+                   f"> {results_path(path)}"])
+
+
+def header_lines(series, out: Optional[str]) -> list[str]:
+  """Title, method, commands and machine of the report."""
+  everything = [o for _, records in series for o in _layers(records)]
+  machines = list({json.dumps(o["machine"], sort_keys=True): o["machine"]
+                   for o in everything}.values())
+  m = machines[0]
+  where = f"a {m['cpu_affinity']}-core CPU" if m["backend"] == "cpu" else m["device_kind"]
+  main = next((records for _, records in series
+               if _dtype(records) == "float32" and not _swept(records)), series[0][1])
+  first = _layers(main)[0]
+  experts = ("SwiGLU" if (first["expert_type"], first["activation"]) == ("glu", "silu")
+             else f"{first['expert_type']} ({first['activation']})")
+  dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(first["dtype"], first["dtype"])
+  lines = [f"# MoE layer vs dense FFN, forward+backward, on {where}", "",
+           "`experiments/bench_layer.py` (its docstring gives the method): the jitted "
+           "`value_and_grad` of `sum(y**2) + aux.loss` with respect to (params, x), for the "
+           f"MoE layer (router, capacity, engine, experts; {experts} experts, {dtype}) and for "
+           f"a dense {experts} FFN of hidden width K·F built from the same `FFNWeights`, so "
+           "both run the same active FFN FLOPs on the same "
+           f"T = {first['T']} tokens, D = {first['D']}. One compile and one warm-up each, "
+           f"then {first['repeats']} repeats interleaved dense, MoE, dense, MoE; **ratio** = "
+           'MoE median / dense median from that one series ("ratio min": the minima). '
+           "Memory is XLA's compile-time buffer plan (`memory_analysis()`: arguments + "
+           "outputs + temp − aliased), not a measured resident size. Padding is the extra "
+           "rows the `xla` backend visits because each expert's rows are rounded up to the "
+           "tile.", ""]
+  described = "; ".join(
+      f"jax {m['jax']} ({m['backend'].upper()} backend), {m['cpu_affinity']} cores of an "
+      f"{m['cpu_model']}, {m['ram_gib']} GiB RAM, Python {m['python']}" for m in machines)
+  load = [o["loadavg_1m"] for o in everything if "loadavg_1m" in o]
+  shape = ("T", "D", "active_hidden", "dtype")
+  dense = [o["dense_ms"]["median"] for o in everything
+           if o.get("status") == "ok" and all(o[k] == first[k] for k in shape)]
+  spread = (f" The same {first['dtype']} dense step's median ranges from {min(dense):,.0f} "
+            f"to {max(dense):,.0f} ms across these files, so only ratios within one series "
+            "are comparable." if len(set(dense)) > 1 else "")
+  lines.append(f"Machine: {described}; 1-minute load average {min(load)} to {max(load)} "
+               f"during the runs.{spread} The raw JSON lines are beside this file.")
+  out_part = f" --out {results_path(out)}" if out else ""
+  lines += ["", "## Commands", "", "```"]
+  lines += [run_command(records, path) for path, records in series]
+  lines += ["PYTHONPATH=. python experiments/bench_layer.py --summarize "
+            + " ".join(results_path(path) for path, _ in series) + out_part, "```", ""]
+  return lines
+
+
+def main_lines(records) -> list[str]:
+  """The main cases (and any case given as T:D:E:K:F) of a default run, every engine."""
+  rows = [o for o in _layers(records) if o["case"] in MAIN_CASES or o["case"] not in CASES]
+  lines = ["## Main cases (default run)", "",
+           "| case | engine | MoE median ms | dense median ms | ratio | ratio min | "
+           "peak est. MiB MoE / dense | padding |", "|---|---|---|---|---|---|---|---|"]
+  for o in rows:
+    mem, r = o["memory_bytes"], o.get("routing", {})
+    if o.get("status") == "ok":
+      ratio = f"{o['ratio_median']:.2f}"
+      cells = (f"{o['moe_ms']['median']:,.0f}", f"{o['dense_ms']['median']:,.0f}",
+               f"**{ratio}**" if _is_xla(o) else ratio, f"{o['ratio_min']:.2f}")
+    else:
+      cells = (f"skipped (pred. {o.get('predicted_s')} s)", "-", "-", "-")
+    pad = _percent(r["padding_overhead"]) if "padding_overhead" in r else "–"
+    lines.append(f"| {case_label(o)} | {engine_label(o)} | " + " | ".join(cells) +
+                 f" | {_mib(mem['moe'].get('peak_estimate'))} / "
+                 f"{_mib(mem['dense'].get('peak_estimate'))} | {pad} |")
+  return lines + [""]
+
+
+def scaling_lines(records) -> list[str]:
+  """The scaling family of a default run (sorted / xla), by E."""
+  rows = sorted((o for o in _layers(records) if _is_xla(o) and o.get("status") == "ok"
+                 and all(o[k] == SCALING[k] for k in ("T", "D", "K", "F"))),
+                key=lambda o: o["E"])
+  if not rows:
+    return []
+  k, f = SCALING["K"], SCALING["F"]
+  blocks = ", ".join(str(b) for b in dict.fromkeys(o["block_size"] for o in rows))
+  dense = _mib(rows[0]["memory_bytes"]["dense"].get("peak_estimate"))
+  lines = [f"## Scaling curve: E at fixed active FLOPs (K={k}, F={f}, K·F = {k * f}; "
+           f"block {blocks})", "",
+           f"| E | ratio | ratio min | peak est. MiB (dense {dense}) | padding |",
+           "|---|---|---|---|---|"]
+  for o in rows:
+    lines.append(f"| {o['E']} | {o['ratio_median']:.2f} | {o['ratio_min']:.2f} | "
+                 f"{_mib(o['memory_bytes']['moe'].get('peak_estimate'))} | "
+                 f"{_percent(o['routing']['padding_overhead'])} |")
+  return lines + [""]
+
+
+def block_lines(records) -> list[str]:
+  """A block sweep: ratio and padding per case and block size."""
+  rows = [o for o in _layers(records) if _is_xla(o) and o.get("status") == "ok"]
+  blocks = sorted({o["block_size"] for o in rows})
+  cells = {(o["case"], o["block_size"]): o for o in rows}
+  lines = ["## Block size (sorted / xla), one interleaved series per case", "",
+           "Ratio of medians (padding) per block size:", "",
+           "| case | " + " | ".join(map(str, blocks)) + " |", "|---" * (len(blocks) + 1) + "|"]
+  for case in dict.fromkeys(o["case"] for o in rows):
+    row = []
+    for block in blocks:
+      o = cells.get((case, block))
+      row.append("-" if o is None else f"{o['ratio_median']:.2f} "
+                 f"({_percent(o['routing']['padding_overhead'])})")
+    label = case_label(next(o for o in rows if o["case"] == case), hidden=False)
+    lines.append(f"| {label} | " + " | ".join(row) + " |")
+  return lines + [""]
+
+
+def fit_lines(fit) -> list[str]:
+  """The einsum fit: planned memory and whether it fits, per E, dropless and capped."""
+  gib = 2 ** 30
+  factors = list(dict.fromkeys(r["capacity_factor"] for r in fit["rows"]))
+  rows = {(r["capacity_factor"], r["E"]): r for r in fit["rows"]}
+  names = {cf: (f"cf {cf:g}" if cf else "dropless (C = T)") for cf in factors}
+  largest = ", ".join(f"{name.replace('cf_', 'capacity factor ')} up to E = {e}" if e
+                      else f"{name.replace('cf_', 'capacity factor ')} at no E"
+                      for name, e in fit["largest_E_fits"].items())
+  lines = ["## Einsum memory fit", "",
+           f"Compile-time memory plans (`peak_estimate`) of the einsum layer's forward+backward "
+           f"against {fit['memory_budget_bytes'] / gib:.1f} GiB (T = {fit['T']}, "
+           f"D = {fit['D']}, K = {fit['K']}, F = {fit['F']}, {fit['dtype']}; nothing was "
+           f"allocated). It fits {largest}.", "",
+           "| E | " + " | ".join(f"{names[cf]}: planned GiB | fits" for cf in factors) + " |",
+           "|---" * (2 * len(factors) + 1) + "|"]
+  for e in sorted({r["E"] for r in fit["rows"]}):
+    cells = []
+    for cf in factors:
+      r = rows.get((cf, e))
+      if r is None:
+        cells += ["–", "–"]
       else:
-        cells = (f"skipped (pred. {o.get('predicted_s')} s)", "-", "-", "-")
-      pad = f"{100 * r['padding_overhead']:.1f}%" if "padding_overhead" in r else "-"
-      drop = f"{100 * r['dropped_share']:.1f}%" if "dropped_share" in r else "-"
-      print(f"| {o['engine']} | {o['backend'] or '-'} | {block} | " + " | ".join(cells) +
-            f" | {_mib(mem['moe'].get('peak_estimate'))} / "
-            f"{_mib(mem['dense'].get('peak_estimate'))} | {pad} | {drop} |")
-  for o in objs:
-    if o["bench"] == "layer_einsum_fit":
-      print(f"\n### einsum fit (T={o['T']} D={o['D']} K={o['K']} F={o['F']}, budget "
-            f"{o['memory_budget_bytes'] / 2 ** 30:.1f} GiB): largest E {o['largest_E_fits']}\n")
-      print("| capacity factor | E | C | dispatch+combine MiB | peak est. MiB | fits |")
-      print("|---|---|---|---|---|---|")
-      for r in o["rows"]:
-        print(f"| {r['capacity_factor'] or 'dropless'} | {r['E']} | {r['C']} | "
-              f"{_mib(r['dispatch_combine_bytes'])} | {_mib(r.get('peak_estimate'))} | "
-              f"{r['fits']} |")
+        planned = f"{r['peak_estimate'] / gib:.1f}" if "peak_estimate" in r else "error"
+        cells += [planned, "yes" if r["fits"] else "**no**"]
+    lines.append(f"| {e} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def dtype_lines(records) -> list[str]:
+  """A run of another activation dtype: the sorted / xla ratios per case."""
+  rows = [o for o in _layers(records) if _is_xla(o) and o.get("status") == "ok"]
+  lines = [f"## {_dtype(records)} activations (params fp32)", "",
+           "| case | MoE median ms | dense median ms | ratio |", "|---|---|---|---|"]
+  for o in rows:
+    lines.append(f"| {case_label(o)} | {o['moe_ms']['median']:,.0f} | "
+                 f"{o['dense_ms']['median']:,.0f} | {o['ratio_median']:.2f} |")
+  return lines + [""]
+
+
+def report_lines(series, out: Optional[str]) -> list[str]:
+  """The markdown report of `series`: (path, JSON lines) per file."""
+  lines = header_lines(series, out)
+  main = [records for _, records in series
+          if _dtype(records) == "float32" and not _swept(records)]
+  for records in main:
+    lines += main_lines(records) + scaling_lines(records)
+  for _, records in series:
+    if _swept(records):
+      lines += block_lines(records)
+  for _, records in series:
+    for o in records:
+      if o["bench"] == "layer_einsum_fit":
+        lines += fit_lines(o)
+  for _, records in series:
+    if _dtype(records) != "float32" and not _swept(records):
+      lines += dtype_lines(records)
+  return lines
+
+
+def summarize(paths: list[str], out: Optional[str] = None) -> None:
+  """The markdown report of the JSON-lines files at `paths`, written to `out` (its
+  reading kept) or printed."""
+  series = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      series.append((path, [json.loads(line) for line in f if line.startswith("{")]))
+  write_or_print(out, report_lines(series, out))
 
 
 def main(argv=None) -> None:
@@ -449,10 +663,12 @@ def main(argv=None) -> None:
   parser.add_argument("--memory_budget_gb", type=float, default=None,
                       help="einsum fit budget in GiB; default: this machine's RAM")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--summarize", metavar="JSONL", help="print markdown tables and exit")
+  parser.add_argument("--summarize", nargs="+", metavar="JSONL",
+                      help="write the markdown report of these files and exit")
+  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
   args = parser.parse_args(argv)
   if args.summarize:
-    summarize(args.summarize)
+    summarize(args.summarize, args.out)
     return
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")

@@ -1,9 +1,12 @@
 """Router cost: the MoE layer's forward+backward with each router, against a dense
 FFN of the same active width and against top-k, side by side in one process.
 
-  PYTHONPATH=. python experiments/bench_routers.py > routers.jsonl
-  PYTHONPATH=. python experiments/bench_routers.py --size gpu --dtype bfloat16
-  PYTHONPATH=. python experiments/bench_routers.py --summarize routers.jsonl
+  PYTHONPATH=. python experiments/bench_routers.py --repeats 10 \\
+      > experiments/results/bench_routers_cpu.jsonl
+  PYTHONPATH=. python experiments/bench_routers.py --size gpu --dtype bfloat16 > routers.jsonl
+  # the report experiments/results/bench_routers.md from the CPU run's JSON lines
+  PYTHONPATH=. python experiments/bench_routers.py --summarize \\
+      experiments/results/bench_routers_cpu.jsonl --out experiments/results/bench_routers.md
 
 Each router runs at the settings of configs/router_zoo.py (top-2 of 8 compute, or
 K_max = 4 where the count adapts), in training mode (deterministic=False: the
@@ -19,7 +22,9 @@ initialisation, not after training.
 
 Sizes: `cpu` T = 2048 (B = 2, L = 1024), D = 256, F = 512; `gpu` T = 16384
 (B = 16), D = 1024, F = 2048. E = 8 in both.
-Output: one JSON line per router on stdout, progress on stderr.
+Output: one JSON line per router on stdout, progress on stderr. --summarize writes
+the markdown report of such a file (its "## Reading" section, written by hand, is
+kept).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from bench_layer import DenseFFN, interleaved, log, machine, memory, sum_squares
 from configs.router_zoo import NO_SWITCH, ROUTER_SETTINGS, TOP_K  # noqa: E402
 from moejax import MoE, routers  # noqa: E402
 from moejax.core import RoutingContext  # noqa: E402
+from report_file import results_path, write_or_print  # noqa: E402
 
 SIZES = {"cpu": dict(B=2, L=1024, D=256, E=8, F=512),
          "gpu": dict(B=16, L=1024, D=1024, E=8, F=2048)}
@@ -90,17 +96,19 @@ def router_run(name, size, x, token_ids, dtype, backend) -> Run:
   return Run(step, params, routing, x)
 
 
-def main() -> None:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", choices=list(SIZES), default="cpu")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--backend", default="xla", help="grouped-matmul backend of `sorted`")
   parser.add_argument("--routers", default="all")
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--summarize", default=None, help="a JSONL file: print a markdown table")
-  args = parser.parse_args()
+  parser.add_argument("--summarize", default=None, metavar="JSONL",
+                      help="write the markdown report of this file and exit")
+  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
+  args = parser.parse_args(argv)
   if args.summarize:
-    summarize(args.summarize)
+    summarize(args.summarize, args.out)
     return
   names = routers.names() if args.routers == "all" else args.routers.split(",")
   size, dtype = SIZES[args.size], jnp.dtype(args.dtype)
@@ -133,22 +141,52 @@ def main() -> None:
         "repeats": args.repeats, "machine": info}), flush=True)
 
 
-def summarize(path: str) -> None:
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+def run_command(first: dict, path: str) -> str:
+  """The command that wrote the JSON lines at `path`, from their settings."""
+  options = [f"--{name} {first[name]}" for name, default in
+             (("size", "cpu"), ("dtype", "float32"), ("backend", "xla"))
+             if first[name] != default]
+  return " ".join(["PYTHONPATH=. python experiments/bench_routers.py", *options,
+                   f"--repeats {first['repeats']} > {results_path(path)}"])
+
+
+def report_lines(rows: list[dict], path: str, out: str | None) -> list[str]:
+  """The markdown report of the JSON lines `rows` read from `path`."""
   first = rows[0]
   m = first["machine"]
-  print(f"Device: {m['device_kind']} ({m['backend']}), jax {m['jax']}; T = "
-        f"{first['B'] * first['L']}, D = {first['D']}, E = {first['E']}, F = {first['F']}, "
-        f"{first['dtype']}, backend {first['backend']}, median of {first['repeats']}; dense "
-        f"FFN (width 2F) {first['dense_median_ms']} ms, peak estimate "
-        f"{first['dense_peak_estimate_mib']} MiB.\n")
-  print("| router | K (max) | experts/token run | ms | / dense | / topk | peak MiB |")
-  print("|---|---|---|---|---|---|---|")
+  host = (f", {m['cpu_count']} cores ({m['cpu_model']}), {m['ram_gib']} GiB"
+          if m["backend"] == "cpu" else "")
+  out_part = f" --out {results_path(out)}" if out else ""
+  lines = ["# Router cost: layer forward+backward per router", "",
+           "`experiments/bench_routers.py` (its docstring gives the method):", "", "```",
+           run_command(first, path),
+           f"PYTHONPATH=. python experiments/bench_routers.py --summarize {results_path(path)}"
+           + out_part, "```", "",
+           f"Device: {m['device_kind']} ({m['backend']}), jax {m['jax']}{host}; T = "
+           f"{first['B'] * first['L']}, D = {first['D']}, E = {first['E']}, F = {first['F']}, "
+           f"{first['dtype']}, backend {first['backend']}, median of {first['repeats']}; dense "
+           f"FFN (width 2F) {first['dense_median_ms']} ms, peak estimate "
+           f"{first['dense_peak_estimate_mib']} MiB.", "",
+           "Each router at its configs/router_zoo.py settings, in training mode, on the "
+           f"`sorted` engine ({first['backend']} backend, its default block size); "
+           '"experts/token run" is what the router chose at initialisation. Ratios are of '
+           "medians taken round-robin in one process.", "",
+           "| router | K (max) | experts/token run | ms | / dense | / topk | peak MiB |",
+           "|---|---|---|---|---|---|---|"]
   for r in rows:
-    print(f"| {r['router']} | {r['top_k']} | {r['experts_per_token']:.2f} | "
-          f"{r['median_ms']:.2f} | {r['ratio_to_dense']:.2f} | {r['ratio_to_topk']:.2f} | "
-          f"{r['peak_estimate_mib']:.0f} |")
+    topk = "-" if r["ratio_to_topk"] is None else f"{r['ratio_to_topk']:.2f}"
+    lines.append(f"| {r['router']} | {r['top_k']} | {r['experts_per_token']:.2f} | "
+                 f"{r['median_ms']:.2f} | {r['ratio_to_dense']:.2f} | "
+                 f"{topk} | {r['peak_estimate_mib']:.0f} |")
+  return lines + [""]
+
+
+def summarize(path: str, out: str | None = None) -> None:
+  """The markdown report of the JSON lines at `path`, written to `out` (its reading
+  kept) or printed."""
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  write_or_print(out, report_lines(rows, path, out))
 
 
 if __name__ == "__main__":

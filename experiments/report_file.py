@@ -21,3 +21,16 @@ def write_keeping_reading(path: str, lines: list[str]) -> None:
   reading = existing_reading(path)
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + ("\n" + reading if reading else ""))
+
+
+def results_path(path: str) -> str:
+  """How a report names a results file in its commands: experiments/results/<file name>."""
+  return f"experiments/results/{os.path.basename(path)}"
+
+
+def write_or_print(out: str | None, lines: list[str]) -> None:
+  """Writes `lines` to the markdown file `out` (keeping its reading), or prints them."""
+  if out:
+    write_keeping_reading(out, lines)
+  else:
+    print("\n".join(lines))
