@@ -1,13 +1,16 @@
-"""experiments/throughput.py's report section, from a hand-made timing JSON."""
+"""Figures the experiment reports derive: throughput.py's cost section from a
+hand-made timing JSON, granularity.py's MI share of its bound."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
-import harness  # noqa: E402  (experiments/)
+import granularity  # noqa: E402  (experiments/)
+import harness  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -42,3 +45,14 @@ def test_section_says_when_not_measured(tmp_path):
   lines = throughput.report_lines(str(tmp_path / "balance_throughput.json"))
   assert lines[2] == ("Not measured yet: run experiments/throughput.py (writes "
                       "balance_throughput.json).")
+
+
+def test_mi_share_divides_by_the_log_of_each_arms_routed_experts():
+  data = {"runs": [{"arm": "m1", "final": {"domain_expert_mi": 0.5}},
+                   {"arm": "m4_shared", "final": {"domain_expert_mi": 0.5}},
+                   {"arm": "m2", "final": {"loss": 1.0}}]}
+  shares = [r["final"].get("domain_expert_mi_share")
+            for r in granularity.with_mi_share(data)["runs"]]
+  assert shares[0] == 0.5 / math.log(8) and shares[1] == 0.5 / math.log(31)
+  assert shares[2] is None
+  assert "domain_expert_mi_share" not in data["runs"][0]["final"]  # the input is left alone
