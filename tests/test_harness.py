@@ -140,6 +140,33 @@ def test_claims_between_any_two_arms(tmp_path):
   assert out["verdict"] == "does not hold" and out["interval"]["seeds"] == [0, 1, 2]
 
 
+def test_shards_split_the_cells_and_merge_into_one_json(tmp_path):
+  path = str(tmp_path / "grid.json")
+  grid = harness.Grid(name="g", arms=["a", "b", "c"], baseline="a", datasets=["d"],
+                      seeds={"a": 5, "*": 3})
+  calls = [[], []]
+  outside = {"arm": "b", "dataset": "d", "seed": 2, "final": {"loss": 7.0}}  # shard 1's
+
+  def run_shard_0(arm, dataset, seed):
+    # Another process adds a run while this one trains: it must survive the save.
+    if not calls[0]:
+      data = harness.load(path)
+      data["runs"].append(outside)
+      harness.save(path, data)
+    return _fake_run(calls[0])(arm, dataset, seed)
+
+  harness.run_grid(grid, run_shard_0, path, log=io.StringIO(), shard=(0, 2))
+  harness.run_grid(grid, _fake_run(calls[1]), path, log=io.StringIO(), shard=(1, 2))
+  cells = grid.cells()
+  assert calls[0] == cells[0::2]                                 # cells 0, 2, 4, ...
+  assert calls[1] == [c for c in cells[1::2] if c != ("b", "d", 2)]  # that one was done
+  runs = harness.load(path)["runs"]
+  assert sorted((r["arm"], r["dataset"], r["seed"]) for r in runs) == sorted(cells)
+  assert [r["final"]["loss"] for r in runs if r["arm"] == "b" and r["seed"] == 2] == [7.0]
+  with pytest.raises(ValueError, match="shard must be"):
+    harness.run_grid(grid, _fake_run([]), path, log=io.StringIO(), shard=(2, 2))
+
+
 def test_grid_main_runs_the_chosen_cells_and_refuses_a_missing_report(tmp_path, monkeypatch,
                                                                        capsys):
   out = str(tmp_path / "grid")
@@ -171,3 +198,6 @@ def test_grid_main_runs_the_chosen_cells_and_refuses_a_missing_report(tmp_path, 
   main("--methods", "base,other", "--datasets", "d2", "--seeds", "2")   # resumes: nothing left
   assert calls == []
   assert len(main("--report_only")["runs"]) == 5
+  with pytest.raises(SystemExit):
+    main("--shard", "2/2")
+  assert "--shard: expected 0 <= i < n, got '2/2'" in capsys.readouterr().err
