@@ -9,8 +9,9 @@ spreads, paired differences against a baseline and verdicts from their intervals
 `final` dict of scalars and, optionally, `evals` (the per-evaluation records).
 Every finished run is written to the grid's JSON at once (atomically), and a
 rerun skips the cells the JSON already holds, so a grid interrupted at any point
-resumes where it stopped, on this machine or another. `shard=(i, n)` (`--shard
-i/n`) splits the cells among n processes that merge their runs into one JSON.
+resumes where it stopped, on this machine or another. The same command started
+in several processes shares the grid's cells among them (claims, then a merge
+into the JSON under a lock).
 
 Statistics, per figure and arm (`compare`):
   spread      mean, standard deviation (n - 1), min and max over seeds
@@ -130,8 +131,8 @@ def save(path: str, data: Mapping[str, Any]) -> None:
 def _add_run(path: str, grid: Grid, meta: Optional[Mapping[str, Any]],
              record: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """Rereads the JSON at `path` under a lock, sets the grid's fields, adds `record`
-  unless its cell is there already, and saves: workers of one grid (`shard`)
-  each add their runs without losing the others'."""
+  unless its cell is there already, and saves: processes sharing a grid each add
+  their runs without losing the others'."""
   import fcntl  # pylint: disable=g-import-not-at-top
   with open(f"{path}.lock", "w", encoding="utf-8") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -147,34 +148,73 @@ def _add_run(path: str, grid: Grid, meta: Optional[Mapping[str, Any]],
   return data
 
 
+def _claim(path: str, cell: tuple[str, str, int]) -> Optional[str]:
+  """Claims `cell` for this process: creates <path>.claims/<cell> holding our pid,
+  or takes over the claim of a process that no longer runs. Returns the claim's
+  file, or None when a running process holds it."""
+  folder = f"{path}.claims"
+  os.makedirs(folder, exist_ok=True)
+  name = os.path.join(folder, "__".join(map(str, cell)))
+  while True:
+    try:
+      fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        with open(name, encoding="utf-8") as f:
+          holder = int(f.read().strip() or 0)
+      except (FileNotFoundError, ValueError):
+        continue
+      if holder and _running(holder):
+        return None
+      try:
+        os.remove(name)         # its process ended without finishing the cell
+      except FileNotFoundError:
+        pass
+      continue
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(str(os.getpid()))
+    return name
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def run_grid(grid: Grid, run_one: Callable[[str, str, int], Mapping[str, Any]], path: str,
              meta: Optional[Mapping[str, Any]] = None, log=sys.stderr,
-             after_each: Optional[Callable[[dict[str, Any]], None]] = None,
-             shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+             after_each: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
   """Runs every cell of `grid` that the JSON at `path` lacks, saving after each
   (and calling after_each(data), e.g. to rewrite the report).
 
   Each run's record is {"arm", "dataset", "seed", "wall_s", **run_one(...)}.
-  shard = (i, n) runs only the cells whose place in `grid.cells()` is i modulo n,
-  so that n processes (`--shard i/n`) share a grid; each rereads the JSON before
-  a cell and merges its run into it under a lock.
+  Several processes may run one grid at once (the same command started twice):
+  each claims a cell before running it (`<path>.claims/`, with its pid; the
+  claim of a process that died is taken over) and merges its run into the JSON
+  under a lock.
   """
-  index, count = shard
-  if not 0 <= index < count:
-    raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
   data = _add_run(path, grid, meta)
   done = {_key(r) for r in data["runs"]}
-  mine = [c for i, c in enumerate(grid.cells()) if i % count == index]
-  todo = [c for c in mine if c not in done]
-  print(f"{grid.name}: {len(done)} runs done, {len(todo)} to run"
-        + (f" (shard {index}/{count})" if count > 1 else ""), file=log, flush=True)
+  todo = [c for c in grid.cells() if c not in done]
+  print(f"{grid.name}: {len(done)} runs done, {len(todo)} to run", file=log, flush=True)
   for i, (arm, dataset, seed) in enumerate(todo, 1):
-    if (arm, dataset, seed) in {_key(r) for r in load(path)["runs"]}:
-      continue
-    start = time.time()
-    record = dict(run_one(arm, dataset, seed))
-    record.update(arm=arm, dataset=dataset, seed=seed, wall_s=round(time.time() - start, 1))
-    data = _add_run(path, grid, meta, record)
+    claim = _claim(path, (arm, dataset, seed))
+    if claim is None:
+      continue                                  # another process runs it
+    try:
+      if (arm, dataset, seed) in {_key(r) for r in load(path)["runs"]}:
+        continue                                # another process finished it
+      start = time.time()
+      record = dict(run_one(arm, dataset, seed))
+      record.update(arm=arm, dataset=dataset, seed=seed, wall_s=round(time.time() - start, 1))
+      data = _add_run(path, grid, meta, record)
+    finally:
+      os.remove(claim)
     if after_each is not None:
       after_each(data)
     print(f"{grid.name} [{i}/{len(todo)}] {arm} {dataset} seed {seed}: "
@@ -362,17 +402,6 @@ def claim_rows(data: Mapping[str, Any], dataset: str,
   return lines
 
 
-def _shard(text: str) -> tuple[int, int]:
-  """ "i/n" -> (i, n), with 0 <= i < n."""
-  try:
-    index, count = (int(part) for part in text.split("/"))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"--shard: expected i/n, got {text!r}") from None
-  if not 0 <= index < count:
-    raise argparse.ArgumentTypeError(f"--shard: expected 0 <= i < n, got {text!r}")
-  return index, count
-
-
 def add_grid_arguments(parser, baseline: str, default_seeds: int = 3,
                        default_baseline_seeds: int = 5) -> None:
   """--steps, --seeds, --baseline_seeds, --report_only."""
@@ -382,8 +411,7 @@ def add_grid_arguments(parser, baseline: str, default_seeds: int = 3,
                       help=f"seeds of the baseline, {baseline}")
   parser.add_argument("--report_only", action="store_true",
                       help="rewrite the report from <out>.json, no training")
-  parser.add_argument("--shard", default="0/1", type=_shard,
-                      help="i/n: run the grid's cells i, i + n, ...; n processes share it")
+
 
 
 def chosen(parser, flag: str, value: str, allowed: Sequence[str],
@@ -413,8 +441,7 @@ def run_or_load(parser, args, name: str, arms: Sequence[str], baseline: str,
     grid = Grid(name=name, arms=arms, baseline=baseline, datasets=datasets,
                 seeds={baseline: args.baseline_seeds, "*": args.seeds})
     data = run_grid(grid, run_one, args.out + ".json",
-                    meta={"steps": args.steps, "machine": machine}, after_each=write,
-                    shard=args.shard)
+                    meta={"steps": args.steps, "machine": machine}, after_each=write)
   write(data)
   print(f"[{name}] wrote {args.out}.md", file=sys.stderr)
   return data

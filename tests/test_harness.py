@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 
 import hypothesis
@@ -140,31 +141,36 @@ def test_claims_between_any_two_arms(tmp_path):
   assert out["verdict"] == "does not hold" and out["interval"]["seeds"] == [0, 1, 2]
 
 
-def test_shards_split_the_cells_and_merge_into_one_json(tmp_path):
+def test_processes_sharing_a_grid_skip_claimed_cells_and_merge_their_runs(tmp_path):
   path = str(tmp_path / "grid.json")
-  grid = harness.Grid(name="g", arms=["a", "b", "c"], baseline="a", datasets=["d"],
-                      seeds={"a": 5, "*": 3})
-  calls = [[], []]
-  outside = {"arm": "b", "dataset": "d", "seed": 2, "final": {"loss": 7.0}}  # shard 1's
+  grid = harness.Grid(name="g", arms=["a", "b"], baseline="a", datasets=["d"], seeds=2)
+  claims = path + ".claims"
+  os.makedirs(claims)
+  with open(os.path.join(claims, "b__d__0"), "w", encoding="utf-8") as f:
+    f.write(str(os.getppid()))        # a running process holds this cell
+  ended = subprocess.Popen([sys.executable, "-c", "pass"])
+  ended.wait()
+  with open(os.path.join(claims, "a__d__1"), "w", encoding="utf-8") as f:
+    f.write(str(ended.pid))           # its process ended: the claim is taken over
+  outside = {"arm": "b", "dataset": "d", "seed": 1, "final": {"loss": 7.0}}
+  calls = []
 
-  def run_shard_0(arm, dataset, seed):
-    # Another process adds a run while this one trains: it must survive the save.
-    if not calls[0]:
+  def run_one(arm, dataset, seed):
+    # Another process finishes a run while this one trains: it must survive the save.
+    if not calls:
       data = harness.load(path)
       data["runs"].append(outside)
       harness.save(path, data)
-    return _fake_run(calls[0])(arm, dataset, seed)
+    return _fake_run(calls)(arm, dataset, seed)
 
-  harness.run_grid(grid, run_shard_0, path, log=io.StringIO(), shard=(0, 2))
-  harness.run_grid(grid, _fake_run(calls[1]), path, log=io.StringIO(), shard=(1, 2))
-  cells = grid.cells()
-  assert calls[0] == cells[0::2]                                 # cells 0, 2, 4, ...
-  assert calls[1] == [c for c in cells[1::2] if c != ("b", "d", 2)]  # that one was done
-  runs = harness.load(path)["runs"]
-  assert sorted((r["arm"], r["dataset"], r["seed"]) for r in runs) == sorted(cells)
-  assert [r["final"]["loss"] for r in runs if r["arm"] == "b" and r["seed"] == 2] == [7.0]
-  with pytest.raises(ValueError, match="shard must be"):
-    harness.run_grid(grid, _fake_run([]), path, log=io.StringIO(), shard=(2, 2))
+  harness.run_grid(grid, run_one, path, log=io.StringIO())
+  assert calls == [("a", "d", 0), ("a", "d", 1)]     # b0 is claimed, b1 was done meanwhile
+  runs = {(r["arm"], r["seed"]): r["final"]["loss"] for r in harness.load(path)["runs"]}
+  assert runs == {("a", 0): 1.0, ("a", 1): 1.01, ("b", 1): 7.0}
+  assert os.listdir(claims) == ["b__d__0"]           # this process's claims are released
+  os.remove(os.path.join(claims, "b__d__0"))         # that process stopped
+  harness.run_grid(grid, _fake_run(calls), path, log=io.StringIO())
+  assert calls[2:] == [("b", "d", 0)] and len(harness.load(path)["runs"]) == 4
 
 
 def test_grid_main_runs_the_chosen_cells_and_refuses_a_missing_report(tmp_path, monkeypatch,
@@ -198,6 +204,4 @@ def test_grid_main_runs_the_chosen_cells_and_refuses_a_missing_report(tmp_path, 
   main("--methods", "base,other", "--datasets", "d2", "--seeds", "2")   # resumes: nothing left
   assert calls == []
   assert len(main("--report_only")["runs"]) == 5
-  with pytest.raises(SystemExit):
-    main("--shard", "2/2")
-  assert "--shard: expected 0 <= i < n, got '2/2'" in capsys.readouterr().err
+
