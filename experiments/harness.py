@@ -154,7 +154,7 @@ def _claim(path: str, cell: tuple[str, str, int]) -> Optional[str]:
   file, or None when a running process holds it."""
   folder = f"{path}.claims"
   os.makedirs(folder, exist_ok=True)
-  name = os.path.join(folder, "__".join(map(str, cell)))
+  name = os.path.join(folder, "__".join(str(part).replace("/", "%") for part in cell))
   while True:
     try:
       fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -29,6 +29,7 @@ sys.path.insert(0, REPO)
 import harness  # noqa: E402  (experiments/)
 
 DATASET = "stdlib_text"
+TOKENS_PER_STEP = 16 * 128      # lm_tiny's batch, in every grid
 RESULTS = os.path.join(REPO, "experiments", "results")
 
 
@@ -152,8 +153,10 @@ def write_report(path: str, data, args, results: str = RESULTS) -> None:
                                                       name).values()))
     lines.append(f"| {name} | {f(short['mean'], 4)} ± {f(short['std'], 4)} ({short['n']}) | "
                  f"{f(long['mean'], 4)} ± {f(long['std'], 4)} ({long['n']}) |")
-  lines += ["", "What this scale cannot test: 4x the steps is still under 10 million "
-            "training tokens of a 2-block byte-level model on CPU; the papers' claims were "
+  tokens = f"{steps * TOKENS_PER_STEP / 1e6:.1f} million" if steps else "a few million"
+  lines += ["", f"What this scale cannot test: {steps} steps are {tokens} training tokens "
+            "(16 rows of 128 bytes a step) of a 2-block byte-level model on CPU; the papers' "
+            "claims were "
             "made at billions of tokens and hundreds of millions of parameters or more. A "
             "verdict that changes with length says the 600-step one was premature, not "
             "what happens at scale.", ""]
