@@ -7,11 +7,12 @@ Each candidate in CANDIDATES is a loss claim of one grid (router_zoo, balance,
 granularity) on stdlib_text, the dataset whose loss is not at its floor after 600
 steps (synthetic_domains' arms end within a few thousandths of a nat of each
 other). A candidate is decided first on its grid's committed 600-step JSON
-(experiments/results/<grid>.json); those whose verdict there is "cannot tell" over
-at least 3 paired seeds are rerun here: both arms, the same config, data order and seeds, with --steps
-training steps (the learning-rate schedule stretched to them). Arms are named
-<grid>/<arm> in longer.json, on the harness (experiments/harness.py: every run
-saved at once, a rerun resuming). longer.md gives each claim's 600-step and
+(experiments/results/<grid>.json); those whose verdict there is "cannot tell"
+over at least 3 paired seeds are rerun here: both arms, the same config, data
+order and seeds, with --steps training steps (the learning-rate schedule
+stretched to them). Arms are named <grid>/<arm> in longer.json (an arm whose
+config is another's, SAME_CONFIG, runs once under that other name), on the
+harness (experiments/harness.py: every run saved at once, a rerun resuming). longer.md gives each claim's 600-step and
 longer interval and verdict side by side. About 9 to 10 minutes per run on an idle
 2-core CPU at 2400 steps (random routing twice that).
 """
@@ -58,8 +59,15 @@ CANDIDATES = (
 )
 
 
+# Arms whose config is another grid's arm's, field for field (tests/test_longer.py
+# checks it): they run once, under the other name.
+SAME_CONFIG = {"granularity/m1": "router_zoo/topk"}
+
+
 def arm_name(grid: str, arm: str) -> str:
-  return f"{grid}/{arm}"
+  """<grid>/<arm>, or the arm of the same config that runs in its place."""
+  name = f"{grid}/{arm}"
+  return SAME_CONFIG.get(name, name)
 
 
 def short_data(grid: str, results: str = RESULTS) -> dict[str, Any]:
