@@ -37,12 +37,12 @@ import pytest  # noqa: E402
 # time (pytest --durations=0, summed per file), longest first; the short files
 # follow in their usual order.
 LONGEST_FILES = (
-    "test_train.py", "test_router_fidelity.py", "test_router_registry.py", "test_engines.py",
+    "test_train.py", "test_notebooks.py", "test_router_fidelity.py", "test_router_registry.py", "test_engines.py",
     "test_routers_zoo.py", "test_drop_in.py", "test_expert_parallel_layer.py", "test_layer.py",
     "test_routing_across_tokens_and_layers.py", "test_analyze.py", "test_balance_training.py",
     "test_device_check.py", "test_layer_conventions.py", "test_resume.py",
     "test_pallas_kernels.py", "test_checkpoints.py", "test_expert_parallel.py",
-    "test_multiprocess.py", "test_lowering.py", "test_notebooks.py", "test_interventions.py",
+    "test_multiprocess.py", "test_lowering.py", "test_interventions.py",
     "test_models.py", "test_readme.py", "test_errors.py", "test_router_interface.py",
     "test_router_zoo_training.py", "test_expert_parallel_training.py", "test_balance.py",
     "test_llep.py", "test_routers_topk.py", "test_generate.py", "test_data.py",
