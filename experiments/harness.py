@@ -128,10 +128,18 @@ def save(path: str, data: Mapping[str, Any]) -> None:
   os.replace(tmp, path)
 
 
+def _describe(data: dict[str, Any], grid: Grid, meta: Optional[Mapping[str, Any]]) -> None:
+  """Sets the grid's fields (name, baseline, arms, datasets, meta) in its data."""
+  data.update(grid=grid.name, baseline=grid.baseline, arms=list(grid.arms),
+              datasets=list(grid.datasets))
+  data.setdefault("meta", {}).update(meta or {})
+
+
 def _add_run(path: str, grid: Grid, meta: Optional[Mapping[str, Any]],
-             record: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+             record: Mapping[str, Any]) -> dict[str, Any]:
   """Rereads the JSON at `path` under a lock, sets the grid's fields, adds `record`
-  unless its cell is there already, and saves: processes sharing a grid each add
+  unless its cell is there already, and saves (a grid's JSON exists from its first
+  finished run on): processes sharing a grid each add
   their runs without losing the others'."""
   import fcntl  # pylint: disable=g-import-not-at-top
   with open(f"{path}.lock", "w", encoding="utf-8") as lock:
@@ -139,10 +147,8 @@ def _add_run(path: str, grid: Grid, meta: Optional[Mapping[str, Any]],
     data = load(path)
     if data["grid"] not in (None, grid.name):
       raise ValueError(f"{path} holds grid {data['grid']!r}, not {grid.name!r}")
-    data.update(grid=grid.name, baseline=grid.baseline, arms=list(grid.arms),
-                datasets=list(grid.datasets))
-    data.setdefault("meta", {}).update(meta or {})
-    if record is not None and _key(record) not in {_key(r) for r in data["runs"]}:
+    _describe(data, grid, meta)
+    if _key(record) not in {_key(r) for r in data["runs"]}:
       data["runs"].append(dict(record))
     save(path, data)
   return data
@@ -198,7 +204,9 @@ def run_grid(grid: Grid, run_one: Callable[[str, str, int], Mapping[str, Any]], 
   claim of a process that died is taken over) and merges its run into the JSON
   under a lock.
   """
-  data = _add_run(path, grid, meta)
+  data = load(path)
+  if data["grid"] not in (None, grid.name):
+    raise ValueError(f"{path} holds grid {data['grid']!r}, not {grid.name!r}")
   done = {_key(r) for r in data["runs"]}
   todo = [c for c in grid.cells() if c not in done]
   print(f"{grid.name}: {len(done)} runs done, {len(todo)} to run", file=log, flush=True)
@@ -220,7 +228,9 @@ def run_grid(grid: Grid, run_one: Callable[[str, str, int], Mapping[str, Any]], 
     print(f"{grid.name} [{i}/{len(todo)}] {arm} {dataset} seed {seed}: "
           f"{json.dumps(record.get('final', {}), sort_keys=True)[:200]} "
           f"({record['wall_s']:.0f} s)", file=log, flush=True)
-  return load(path)
+  data = load(path)
+  _describe(data, grid, meta)
+  return data
 
 
 # ----------------------------------------------------------------------------
