@@ -59,7 +59,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
 from bench_layer import log, machine, memory  # noqa: E402
-from report_file import results_path, write_or_print  # noqa: E402
+from report_file import (  # noqa: E402
+    add_summary_arguments, results_path, summarize_command, write_or_print)
 from moejax import dispatch  # noqa: E402
 from moejax.core import RoutingPlan  # noqa: E402
 from moejax.experts import ExpertFFN  # noqa: E402
@@ -207,13 +208,11 @@ def report_lines(records: list[dict], path: str, out: str | None) -> list[str]:
   """The markdown report of the JSON lines `records` read from `path`."""
   s = records[0]
   n = s["devices"]
-  out_part = f" --out {results_path(out)}" if out else ""
   lines = [f"# Expert parallelism on {n} devices: plain EP, LLEP, dropless all-gather", "",
            "`experiments/bench_ep.py` (its docstring gives the method):", "", "```",
            f"PYTHONPATH=. python experiments/bench_ep.py --size {s['size']} --repeats "
            f"{s['repeats']} > {results_path(path)}",
-           f"PYTHONPATH=. python experiments/bench_ep.py --summarize {results_path(path)}"
-           + out_part, "```", ""]
+           summarize_command("bench_ep.py", [path], out), "```", ""]
   lines.append(
       machine_line(records, path) + f" T = {s['T']} tokens, D = {s['D']}, F = {s['F']} "
       f"(SwiGLU), E = {s['E']}, top-{s['K']}, one expert-parallel group of {n} devices "
@@ -250,9 +249,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--summarize", metavar="JSONL",
-                      help="write the markdown report of this file and exit")
-  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
+  add_summary_arguments(parser)
   args = parser.parse_args(argv)
   if args.summarize:
     summarize(args.summarize, args.out)

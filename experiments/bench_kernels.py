@@ -82,7 +82,7 @@ import pallas_kernels  # noqa: E402
 from bench_layer import log, machine  # noqa: E402
 from moejax import MoE  # noqa: E402
 from moejax.experts import FFNWeights, dense_matmul  # noqa: E402
-from report_file import write_keeping_reading  # noqa: E402
+from report_file import add_summary_arguments, write_keeping_reading  # noqa: E402
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 VS_DENSE_TARGET = 0.85          # pallas / dense throughput, at TARGET_TOKENS_PER_EXPERT
@@ -820,9 +820,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mode", choices=("correctness", "perf"), default=None,
                       help="default: perf on GPU and TPU, correctness on CPU")
-  parser.add_argument("--summarize", nargs="+", metavar="JSONL",
-                      help="write the markdown report of these files and exit")
-  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
+  add_summary_arguments(parser, many=True)
   parser.add_argument("--seed", type=int, default=0)
   group = parser.add_argument_group("correctness")
   group.add_argument("--cases", type=str_list, default=list(CORRECTNESS_CASES))

@@ -70,7 +70,8 @@ import numpy as np
 
 from moejax import MoE
 from moejax.experts import FFNWeights, dense_matmul
-from report_file import results_path, write_or_print  # (experiments/)
+from report_file import (  # (experiments/)
+    add_summary_arguments, results_path, summarize_command, write_or_print)
 
 # Main cases, and the scaling family: E varies at fixed K*F = 8*256 = 2048, so
 # active FLOPs stay those of main_e64 (which is the family's E=64 point). At E=8
@@ -495,11 +496,9 @@ def header_lines(series, out: Optional[str]) -> list[str]:
             "are comparable." if len(set(dense)) > 1 else "")
   lines.append(f"Machine: {described}; 1-minute load average {min(load)} to {max(load)} "
                f"during the runs.{spread} The raw JSON lines are beside this file.")
-  out_part = f" --out {results_path(out)}" if out else ""
   lines += ["", "## Commands", "", "```"]
   lines += [run_command(records, path) for path, records in series]
-  lines += ["PYTHONPATH=. python experiments/bench_layer.py --summarize "
-            + " ".join(results_path(path) for path, _ in series) + out_part, "```", ""]
+  lines += [summarize_command("bench_layer.py", [path for path, _ in series], out), "```", ""]
   return lines
 
 
@@ -663,9 +662,7 @@ def main(argv=None) -> None:
   parser.add_argument("--memory_budget_gb", type=float, default=None,
                       help="einsum fit budget in GiB; default: this machine's RAM")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--summarize", nargs="+", metavar="JSONL",
-                      help="write the markdown report of these files and exit")
-  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
+  add_summary_arguments(parser, many=True)
   args = parser.parse_args(argv)
   if args.summarize:
     summarize(args.summarize, args.out)

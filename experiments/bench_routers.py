@@ -44,7 +44,8 @@ from bench_layer import DenseFFN, interleaved, log, machine, memory, sum_squares
 from configs.router_zoo import NO_SWITCH, ROUTER_SETTINGS, TOP_K  # noqa: E402
 from moejax import MoE, routers  # noqa: E402
 from moejax.core import RoutingContext  # noqa: E402
-from report_file import results_path, write_or_print  # noqa: E402
+from report_file import (  # noqa: E402
+    add_summary_arguments, results_path, summarize_command, write_or_print)
 
 SIZES = {"cpu": dict(B=2, L=1024, D=256, E=8, F=512),
          "gpu": dict(B=16, L=1024, D=1024, E=8, F=2048)}
@@ -103,9 +104,7 @@ def main(argv=None) -> None:
   parser.add_argument("--backend", default="xla", help="grouped-matmul backend of `sorted`")
   parser.add_argument("--routers", default="all")
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--summarize", default=None, metavar="JSONL",
-                      help="write the markdown report of this file and exit")
-  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
+  add_summary_arguments(parser)
   args = parser.parse_args(argv)
   if args.summarize:
     summarize(args.summarize, args.out)
@@ -156,12 +155,10 @@ def report_lines(rows: list[dict], path: str, out: str | None) -> list[str]:
   m = first["machine"]
   host = (f", {m['cpu_count']} cores ({m['cpu_model']}), {m['ram_gib']} GiB"
           if m["backend"] == "cpu" else "")
-  out_part = f" --out {results_path(out)}" if out else ""
   lines = ["# Router cost: layer forward+backward per router", "",
            "`experiments/bench_routers.py` (its docstring gives the method):", "", "```",
            run_command(first, path),
-           f"PYTHONPATH=. python experiments/bench_routers.py --summarize {results_path(path)}"
-           + out_part, "```", "",
+           summarize_command("bench_routers.py", [path], out), "```", "",
            f"Device: {m['device_kind']} ({m['backend']}), jax {m['jax']}{host}; T = "
            f"{first['B'] * first['L']}, D = {first['D']}, E = {first['E']}, F = {first['F']}, "
            f"{first['dtype']}, backend {first['backend']}, median of {first['repeats']}; dense "

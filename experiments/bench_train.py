@@ -36,7 +36,8 @@ from moejax.train import setup  # noqa: E402
 from moejax.train.state import make_optimizer  # noqa: E402
 from moejax.train.step import make_train_step  # noqa: E402
 from moejax.train.trainer import init_state  # noqa: E402
-from report_file import results_path, write_or_print  # noqa: E402
+from report_file import (  # noqa: E402
+    add_summary_arguments, results_path, summarize_command, write_or_print)
 
 CONFIGS = os.path.join(REPO, "configs")
 TARGET = 0.7          # MoE / dense throughput, on a 2-core CPU
@@ -69,7 +70,6 @@ def report_lines(result: dict, path: str, out: str | None) -> list[str]:
   m = result["machine"]
   where = f"{m['cpu_count']}-core CPU" if m["backend"] == "cpu" else m["device"]
   ratio = result["moe_over_dense_throughput"]
-  out_part = f" --out {results_path(out)}" if out else ""
   lines = [f"# Training throughput: lm_tiny (MoE) against dense_tiny, {where}", "",
            "`experiments/bench_train.py` (its docstring gives the method): the jitted train "
            "steps of `configs/lm_tiny.py` (every FFN an MoE of SwiGLU experts) and "
@@ -80,8 +80,7 @@ def report_lines(result: dict, path: str, out: str | None) -> list[str]:
            f"{result['repeats']} steps each.", "", "```",
            f"PYTHONPATH=. python experiments/bench_train.py --repeats {result['repeats']} > "
            f"{results_path(path)}",
-           f"PYTHONPATH=. python experiments/bench_train.py --summarize {results_path(path)}"
-           + out_part, "```", "",
+           summarize_command("bench_train.py", [path], out), "```", "",
            f"Machine: jax {m['jax']} {m['backend'].upper()} backend, {m['cpu_count']} cores, "
            f"{m['platform']}.", "",
            "| model | parameters | median step | tokens/s |", "|---|---|---|---|"]
@@ -108,9 +107,7 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR",
                                                            "~/tensorflow_datasets"))
-  parser.add_argument("--summarize", metavar="JSON",
-                      help="write the markdown report of this file and exit")
-  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
+  add_summary_arguments(parser, metavar="JSON")
   args = parser.parse_args(argv)
   if args.summarize:
     summarize(args.summarize, args.out)

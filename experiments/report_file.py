@@ -28,6 +28,23 @@ def results_path(path: str) -> str:
   return f"experiments/results/{os.path.basename(path)}"
 
 
+def summarize_command(script: str, paths: list[str], out: str | None) -> str:
+  """The command that regenerates a report: experiments/<script> --summarize PATHS
+  [--out OUT], the paths named as in experiments/results/."""
+  return (f"PYTHONPATH=. python experiments/{script} --summarize "
+          + " ".join(results_path(path) for path in paths)
+          + (f" --out {results_path(out)}" if out else ""))
+
+
+def add_summary_arguments(parser, metavar: str = "JSONL", many: bool = False) -> None:
+  """--summarize FILE (FILE... with `many`) and --out MD, the report options of a
+  benchmark script."""
+  parser.add_argument("--summarize", nargs="+" if many else None, metavar=metavar,
+                      help="write the markdown report of "
+                      + ("these files" if many else "this file") + " and exit")
+  parser.add_argument("--out", help="markdown file of --summarize (default: stdout)")
+
+
 def write_or_print(out: str | None, lines: list[str]) -> None:
   """Writes `lines` to the markdown file `out` (keeping its reading), or prints them."""
   if out:
