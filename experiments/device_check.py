@@ -288,7 +288,9 @@ def part_layer(m, results: Results, size: dict[str, Any], args) -> None:
     for case in within_budget("layer", cases, args.budget("layer"), results):
       kwargs = cases[case]
       oracle = m.MoE(engine="loop", **kwargs)
-      params = oracle.init(jax.random.PRNGKey(args.seed + 1), x)["params"]
+      # Traced once: an eager init would run the loop oracle op by op.
+      init = jax.jit(lambda key, oracle=oracle: oracle.init(key, x))
+      params = init(jax.random.PRNGKey(args.seed + 1))["params"]
       (want_loss, want_y), want_grads = jax.device_get(layer_loss(m, oracle)(params, x))
       for backend in LAYER_BACKENDS:
         log(f"[layer] {case} {backend}")
