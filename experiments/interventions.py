@@ -122,7 +122,7 @@ def arm_figures(arm: str, model, config, dataset: str) -> dict[str, Any]:
     out = reroute.reroute_rows(model, rows, rows.shape[1] // 2, reroute.Settings())
     return {"continuation_nll": float(np.mean(out["rerouted"])),
             "context_nll_before": float(np.mean(out["context_loss"][0])),
-            "context_nll_after": float(np.mean(out["context_loss"][-1]))}
+            "context_nll_after": float(np.mean(out["context_loss_kept"]))}
   if arm in GROUPS:
     if dataset != "synthetic_domains":
       return {}
