@@ -9,6 +9,13 @@ from moejax.core import RoutingPlan
 from moejax.experts import ExpertFFN
 
 
+def jit_init(module, rngs, *args, **kwargs):
+  """module.init(rngs, *args, **kwargs) traced once under jit, the arguments but
+  `rngs` held as constants: an eager init runs the forward op by op (seconds for the
+  loop oracle, against about one traced)."""
+  return jax.jit(lambda r: module.init(r, *args, **kwargs))(rngs)
+
+
 def random_plan(rng: np.random.Generator, num_tokens: int, top_k: int, num_experts: int,
                 active_experts: int, invalid_share: float = 0.0) -> RoutingPlan:
   """A tokens-choose plan whose experts come from `active_experts` of E, Zipf-skewed.

@@ -21,6 +21,7 @@ from moejax.parallel import make_mesh
 from moejax.routers.topk import TopKRouter
 from moejax.train.state import TrainState
 from moejax.train.step import make_train_step
+from tests.helpers import jit_init
 
 DEVICES, MICROBATCHES = 8, 4
 
@@ -173,7 +174,7 @@ def _balance_by_bias(router, x, params, steps):
                             mutable=["routing"])
     return state["routing"], metrics.max_violation(out.metrics["selected"])
 
-  routing = router.init(jax.random.PRNGKey(0), x)["routing"]
+  routing = jit_init(router, jax.random.PRNGKey(0), x)["routing"]
   history = []
   for _ in range(steps):
     routing, max_violation = step(routing)
@@ -362,7 +363,7 @@ def test_erc_noise_is_bounded_and_only_in_training():
 def test_layer_losses_are_computed_only_when_weighted():
   layer = MoE(num_experts=4, top_k=2, hidden_dim=8, block_size=8)
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 6))
-  variables = layer.init(jax.random.PRNGKey(0), x)
+  variables = jit_init(layer, jax.random.PRNGKey(0), x)
   _, aux = layer.apply(variables, x)
   assert "erc" not in aux.losses and "erc_diagonal_share" not in aux.metrics
   assert "tsallis" not in aux.losses

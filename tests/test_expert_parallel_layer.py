@@ -10,7 +10,7 @@ import pytest
 import pallas_kernels
 from moejax import MoE
 from moejax.parallel import ExpertParallel, make_mesh
-from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_close, jit_init
 
 B, L, D = 4, 8, 12
 
@@ -45,7 +45,7 @@ def test_layer_expert_parallel_equals_one_device(router, shape, backend):
   bias [B, E] (moejax.interventions.bias), which expert parallelism must honour."""
   x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D))
   reference = _layer(router, backend="xla")
-  variables = reference.init(jax.random.PRNGKey(1), x)
+  variables = jit_init(reference, jax.random.PRNGKey(1), x)
   if shape[0] > 1:
     delta = 2.0 * jax.random.normal(jax.random.PRNGKey(2), (B, 8))
     variables = {**variables, "logit_bias": {"router": {"delta": delta}}}
@@ -121,7 +121,7 @@ def test_expert_parallel_on_a_mesh_with_its_own_axis_names_and_biases(settings):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D))
   reference = _layer("topk", use_bias=True, bias_init=nn.initializers.normal(1.0))
-  variables = reference.init(jax.random.PRNGKey(1), x)
+  variables = jit_init(reference, jax.random.PRNGKey(1), x)
   (want_loss, _), want_grads = _loss_and_grads(reference, variables, x)
   named = ExpertParallel(batch_axes=("batch", "experts"), expert_axis="experts",
                          model_axis="tensor", **settings)

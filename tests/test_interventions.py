@@ -14,6 +14,7 @@ import pytest
 from moejax.interventions import Frozen, bias, oracle, reroute, roma, steer
 from moejax.interventions.frozen import token_nll
 from moejax.models import TransformerLM
+from tests.helpers import jit_init
 
 V, N, L = 16, 4, 9          # vocabulary, rows, tokens per row (8 inputs)
 
@@ -23,7 +24,7 @@ def _frozen(router="topk", **model):
   moe = dict(num_experts=4, top_k=2, hidden_dim=16, router=router, engine="loop")
   lm = TransformerLM(vocab_size=V, num_layers=model.get("num_layers", 2), model_dim=16,
                      num_heads=2, mlp_dim=32, moe=moe)
-  variables = lm.init(jax.random.PRNGKey(0), jnp.zeros((1, L - 1), jnp.int32))
+  variables = jit_init(lm, jax.random.PRNGKey(0), jnp.zeros((1, L - 1), jnp.int32))
   return Frozen(lm, variables)
 
 
@@ -107,6 +108,12 @@ def test_reroute_rows_scores_the_continuation_with_and_without_deltas():
   want = np.asarray(token_nll(frozen, rows, collection))[:, 3:].mean(axis=1)
   np.testing.assert_allclose(out["rerouted"], want, rtol=1e-5)
   assert set(out["deltas"]) == {"layer_1"}
+  # The context's loss under the kept deltas: each row's lowest over the steps.
+  context = rows[:, :4]
+  kept = np.asarray(token_nll(frozen, context, bias.to_collection(
+      frozen.zero_bias(N, 3), out["deltas"]))).mean(axis=1)
+  np.testing.assert_allclose(out["context_loss_kept"], kept, rtol=1e-5)
+  np.testing.assert_allclose(out["context_loss_kept"], out["context_loss"].min(axis=0))
   with pytest.raises(ValueError, match="prompt_len must be in"):
     reroute.reroute_rows(frozen, rows, L, reroute.Settings())
   with pytest.raises(ValueError, match="layers: layer_5"):

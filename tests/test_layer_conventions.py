@@ -16,7 +16,7 @@ import pallas_kernels
 from moejax import MoE, RoutingContext
 from moejax.experts import ExpertFFN
 from moejax.parallel import expert_rules
-from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_close, jit_init
 
 B, L, D, E = 2, 8, 16, 4
 
@@ -48,7 +48,7 @@ class TwoMoE(nn.Module):
 def test_sown_losses_sum_the_layers_and_are_never_counted_twice():
   x = _x()
   model = TwoMoE({"aux_free": True})
-  variables = model.init(jax.random.PRNGKey(1), x)
+  variables = jit_init(model, jax.random.PRNGKey(1), x)
   assert set(variables) == {"params", "routing"}          # nothing sown at init
   assert moejax.carried_collections(variables) == ("routing",)
   y, mutated = model.apply(variables, x, mutable=["routing", *moejax.SOWN])
@@ -134,7 +134,7 @@ def test_kernel_init_is_applied_to_each_expert_with_its_own_key():
   dim, experts = 64, 8
   layer = MoE(num_experts=experts, hidden_dim=64, top_k=2, expert_type="mlp",
               kernel_init=nn.initializers.lecun_normal())
-  params = nn.unbox(layer.init(jax.random.PRNGKey(1), _x(shape=(1, 4, dim)))["params"])
+  params = nn.unbox(jit_init(layer, jax.random.PRNGKey(1), _x(shape=(1, 4, dim)))["params"])
   wi = np.asarray(params["experts"]["wi"])
   assert wi.shape == (experts, dim, 64)
   np.testing.assert_allclose(wi.var(axis=(1, 2)), 1 / dim, rtol=0.15)
@@ -286,7 +286,7 @@ def test_capture_intermediates_records_the_layers_output():
   not its helpers, and building the router is no method call."""
   x = _x()
   model = TwoMoE({})
-  variables = model.init(jax.random.PRNGKey(1), x)
+  variables = jit_init(model, jax.random.PRNGKey(1), x)
   y, state = model.apply(variables, x, mutable=["intermediates"],
                          capture_intermediates=lambda m, _: isinstance(m, MoE))
   captured = state["intermediates"]["MoE_1"]

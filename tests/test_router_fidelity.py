@@ -22,6 +22,7 @@ import pytest
 from moejax import balance, routers
 from moejax.core import RoutingContext
 from moejax.routers import expert_choice, relu, sinkhorn
+from tests.helpers import jit_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,8 +178,8 @@ def _case(case):
   router = routers.create(name, num_experts=E, **kwargs)
   x = jnp.zeros((B, L, D))
   ctx = RoutingContext(token_ids=jnp.zeros((B, L), jnp.int32))
-  variables = router.init({"params": jax.random.key(1), "router": jax.random.key(2)}, x, ctx,
-                          deterministic=deterministic)
+  variables = jit_init(router, {"params": jax.random.key(1), "router": jax.random.key(2)}, x,
+                       ctx, deterministic=deterministic)
 
   @jax.jit
   def run(variables, x, segment_ids, token_ids):

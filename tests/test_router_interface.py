@@ -23,7 +23,7 @@ from moejax.models import TransformerLM
 from moejax.parallel import ExpertParallel, make_mesh
 from moejax.train.state import TrainState
 from moejax.train.step import make_train_step
-from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_close, jit_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "attention_carry_test"
@@ -176,8 +176,8 @@ def test_routers_receive_only_the_context_they_declare():
     model = TransformerLM(vocab_size=32, num_layers=1, model_dim=16, num_heads=2, mlp_dim=32,
                           moe=dict(num_experts=E, top_k=K, hidden_dim=16, router="probe_test"))
     batch = _batch()
-    model.init(jax.random.PRNGKey(0), batch["tokens"][:, :-1],
-               segment_ids=batch["tokens_segment_ids"][:, :-1])
+    jit_init(model, jax.random.PRNGKey(0), batch["tokens"][:, :-1],
+             segment_ids=batch["tokens_segment_ids"][:, :-1])
   finally:
     routers.unregister("probe_test")
   assert seen["attention"] is None and seen["carry"] is None

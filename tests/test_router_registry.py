@@ -19,7 +19,7 @@ import pytest
 from moejax import MoE, routers
 from moejax.core import RoutingContext
 from moejax.models import TransformerLM
-from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_close, jit_init
 
 B, L, D, E, K, F = 2, 8, 12, 4, 2, 8
 ENGINES = [("einsum", "xla"), ("sorted", "xla"), ("sorted", "ragged_dot")]
@@ -46,8 +46,8 @@ def _layer(name, engine="loop", backend="xla", **router_kwargs):
 @functools.lru_cache(maxsize=None)
 def _variables(name):
   x, ctx = _inputs()
-  return _layer(name).init({"params": jax.random.key(1), "router": jax.random.key(2)}, x, ctx,
-                           deterministic=False)
+  return jit_init(_layer(name), {"params": jax.random.key(1), "router": jax.random.key(2)}, x,
+                  ctx, deterministic=False)
 
 
 def _value_and_grads(layer, variables, x, ctx, deterministic):

@@ -19,6 +19,7 @@ from moejax.routers import consistency_loss
 from moejax.train import setup
 from moejax.train.state import TrainState
 from moejax.train.step import make_train_step, split_batch
+from tests.helpers import jit_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,8 +39,8 @@ def _batch(rows=4, length=9):
 
 
 def _state(model, tx, batch):
-  variables = model.init({"params": jax.random.key(0), "router": jax.random.key(1)},
-                         batch["tokens"][:, :-1], deterministic=False)
+  variables = jit_init(model, {"params": jax.random.key(0), "router": jax.random.key(1)},
+                       batch["tokens"][:, :-1], deterministic=False)
   params = nn.meta.unbox(variables["params"])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     routing=variables.get("routing", {}))

@@ -18,6 +18,7 @@ from moejax import MoE, routers
 from moejax.core import RoutingContext
 from moejax.routers import expert_choice, hash_random, relu, sinkhorn, top_p
 from moejax.routers.soft import slot_plan
+from tests.helpers import jit_init
 
 
 def _identity_gate(name, logits, **kwargs):
@@ -77,7 +78,7 @@ def test_expert_choice_gives_every_expert_exactly_c_distinct_tokens(seed, tokens
                                                                     factor):
   router = routers.create("expert_choice", num_experts=experts, top_k=k, capacity_factor=factor)
   x = jax.random.normal(jax.random.key(seed), (tokens, 5))
-  variables = router.init(jax.random.key(seed + 1), x)
+  variables = jit_init(router, jax.random.key(seed + 1), x)
   plan = router.apply(variables, x).plan
   cap = min(math.ceil(factor * tokens * k / experts), tokens)
   assert plan.num_slots == experts * cap and bool(jnp.all(plan.valid))
@@ -91,7 +92,7 @@ def test_expert_choice_gives_every_expert_exactly_c_distinct_tokens(seed, tokens
 def test_expert_choice_capacity_from_context_static_and_traced():
   router = routers.create("expert_choice", num_experts=2, top_k=1, max_capacity=3)
   x = jax.random.normal(jax.random.key(0), (6, 4))
-  variables = router.init(jax.random.key(1), x)
+  variables = jit_init(router, jax.random.key(1), x)
   static = router.apply(variables, x, RoutingContext(capacity=1)).plan
   assert static.num_slots == 2 and bool(jnp.all(static.valid))
 
@@ -289,7 +290,7 @@ def test_null_assignments_never_reach_an_expert():
   layer = MoE(num_experts=2, top_k=2, hidden_dim=4, router="null_experts",
               router_kwargs={"num_null": 2})
   x = jnp.array([[[1., 0., 0., 0.], [0., 0., 1., 1.]]])
-  variables = layer.init(jax.random.key(0), x)
+  variables = jit_init(layer, jax.random.key(0), x)
   params = jax.tree_util.tree_map(lambda v: v, variables["params"])
   params["router"]["scores"]["gate"]["kernel"] = jnp.array(
       [[5., 4., 0., 0.], [0., 0., 0., 0.], [0., 0., 5., 0.], [0., 0., 0., 5.]])
@@ -343,7 +344,7 @@ def test_relu_rmsnorm_order_normalises_the_relu_output():
 def test_a_zero_relu_gate_is_an_invalid_slot():
   x = jax.random.normal(jax.random.key(0), (64, 6))
   router = routers.create("relu", num_experts=6, top_k=6, order="rmsnorm_relu")
-  variables = router.init(jax.random.key(1), x)
+  variables = jit_init(router, jax.random.key(1), x)
   out, _ = router.apply(variables, x, mutable=["routing"])
   g = np.asarray(out.plan.weight)
   np.testing.assert_array_equal(np.asarray(out.plan.valid), g > 0)
@@ -473,7 +474,7 @@ def test_soft_moe_matches_its_definition():
   layer = MoE(num_experts=e, top_k=1, hidden_dim=4, router="soft", expert_type="mlp",
               activation="relu", router_kwargs={"slots_per_expert": s})
   x = jax.random.normal(jax.random.key(0), (b, l, d))
-  variables = layer.init(jax.random.key(1), x)
+  variables = jit_init(layer, jax.random.key(1), x)
   y, aux = layer.apply(variables, x)
   params = variables["params"]
   phi = np.asarray(params["router"]["phi"].value, np.float64)
@@ -501,7 +502,7 @@ def test_soft_slots_are_fixed_at_construction_and_slot_plan():
   layer = MoE(num_experts=4, hidden_dim=8, router="soft",
               router_kwargs={"allow_noncausal": True})
   short, long = jnp.ones((2, 8, 6)), jnp.ones((2, 16, 6))
-  variables = layer.init(jax.random.PRNGKey(0), short)
+  variables = jit_init(layer, jax.random.PRNGKey(0), short)
   assert variables["params"]["router"]["phi"].unbox().shape == (6, 4)
   y, aux = layer.apply(variables, long)
   assert y.shape == (2, 16, 6)

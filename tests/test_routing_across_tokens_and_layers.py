@@ -21,7 +21,7 @@ from moejax.core import RoutingContext
 from moejax.models import TransformerLM
 from moejax.parallel import ExpertParallel, make_mesh
 from moejax.routers.rexmoe import psr_candidates
-from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_close, jit_init
 
 B, L, D, E, K, F = 2, 6, 8, 4, 2, 8
 
@@ -61,7 +61,7 @@ def test_recurrent_router_is_a_gru_over_its_carry():
   carry = routers.RecurrentCarry(state=jnp.asarray(h_prev), num_experts=E, hidden=5,
                                  shared=False)
   ctx = RoutingContext(carry=carry)
-  variables = router.init(jax.random.key(2), x, ctx)
+  variables = jit_init(router, jax.random.key(2), x, ctx)
   out = router.apply(variables, x, ctx)
   p = _unbox(variables["params"])
   h = _numpy_gru(p["gru"], x @ p["project"]["kernel"], h_prev)
@@ -300,7 +300,7 @@ def test_expert_parallel_model_equals_one_device(case):
                                     moe=dict(moe, **ep))
   reference, sharded = make(), make(expert_parallel=ExpertParallel())
   tokens = jax.random.randint(jax.random.key(13), (8, L), 0, 16)
-  variables = reference.init(jax.random.key(14), tokens)
+  variables = jit_init(reference, jax.random.key(14), tokens)
 
   def loss(model):
     def f(params):
