@@ -289,8 +289,8 @@ def part_layer(m, results: Results, size: dict[str, Any], args) -> None:
       kwargs = cases[case]
       oracle = m.MoE(engine="loop", **kwargs)
       # Traced once: an eager init would run the loop oracle op by op.
-      init = jax.jit(lambda key, oracle=oracle: oracle.init(key, x))
-      params = init(jax.random.PRNGKey(args.seed + 1))["params"]
+      params = jax.jit(lambda key: oracle.init(key, x))(  # pylint: disable=cell-var-from-loop
+          jax.random.PRNGKey(args.seed + 1))["params"]
       (want_loss, want_y), want_grads = jax.device_get(layer_loss(m, oracle)(params, x))
       for backend in LAYER_BACKENDS:
         log(f"[layer] {case} {backend}")

@@ -128,6 +128,14 @@ def save(path: str, data: Mapping[str, Any]) -> None:
   os.replace(tmp, path)
 
 
+def _load_grid(path: str, grid: Grid) -> dict[str, Any]:
+  """The JSON at `path` (empty when absent); ValueError if it holds another grid."""
+  data = load(path)
+  if data["grid"] not in (None, grid.name):
+    raise ValueError(f"{path} holds grid {data['grid']!r}, not {grid.name!r}")
+  return data
+
+
 def _describe(data: dict[str, Any], grid: Grid, meta: Optional[Mapping[str, Any]]) -> None:
   """Sets the grid's fields (name, baseline, arms, datasets, meta) in its data."""
   data.update(grid=grid.name, baseline=grid.baseline, arms=list(grid.arms),
@@ -144,9 +152,7 @@ def _add_run(path: str, grid: Grid, meta: Optional[Mapping[str, Any]],
   import fcntl  # pylint: disable=g-import-not-at-top
   with open(f"{path}.lock", "w", encoding="utf-8") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    data = load(path)
-    if data["grid"] not in (None, grid.name):
-      raise ValueError(f"{path} holds grid {data['grid']!r}, not {grid.name!r}")
+    data = _load_grid(path, grid)
     _describe(data, grid, meta)
     if _key(record) not in {_key(r) for r in data["runs"]}:
       data["runs"].append(dict(record))
@@ -204,10 +210,7 @@ def run_grid(grid: Grid, run_one: Callable[[str, str, int], Mapping[str, Any]], 
   claim of a process that died is taken over) and merges its run into the JSON
   under a lock.
   """
-  data = load(path)
-  if data["grid"] not in (None, grid.name):
-    raise ValueError(f"{path} holds grid {data['grid']!r}, not {grid.name!r}")
-  done = {_key(r) for r in data["runs"]}
+  done = {_key(r) for r in _load_grid(path, grid)["runs"]}
   todo = [c for c in grid.cells() if c not in done]
   print(f"{grid.name}: {len(done)} runs done, {len(todo)} to run", file=log, flush=True)
   for i, (arm, dataset, seed) in enumerate(todo, 1):

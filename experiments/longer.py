@@ -12,9 +12,10 @@ over at least 3 paired seeds are rerun here: both arms, the same config, data
 order and seeds, with --steps training steps (the learning-rate schedule
 stretched to them). Arms are named <grid>/<arm> in longer.json (an arm whose
 config is another's, SAME_CONFIG, runs once under that other name), on the
-harness (experiments/harness.py: every run saved at once, a rerun resuming). longer.md gives each claim's 600-step and
-longer interval and verdict side by side. About 9 to 10 minutes per run on an idle
-2-core CPU at 2400 steps (random routing twice that).
+harness (experiments/harness.py: every run saved at once, a rerun resuming).
+longer.md gives each claim's 600-step and longer interval and verdict side by
+side. About 9 to 10 minutes per run on an idle 2-core CPU at 2400 steps (random
+routing twice that); 13 to 21 minutes each with two processes sharing the grid.
 """
 from __future__ import annotations
 

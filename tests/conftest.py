@@ -37,8 +37,9 @@ import pytest  # noqa: E402
 # time (pytest --durations=0, summed per file), longest first; the short files
 # follow in their usual order.
 LONGEST_FILES = (
-    "test_train.py", "test_notebooks.py", "test_router_fidelity.py", "test_router_registry.py", "test_engines.py",
-    "test_routers_zoo.py", "test_drop_in.py", "test_expert_parallel_layer.py", "test_layer.py",
+    "test_train.py", "test_notebooks.py", "test_router_fidelity.py", "test_router_registry.py",
+    "test_engines.py", "test_routers_zoo.py", "test_drop_in.py", "test_expert_parallel_layer.py",
+    "test_layer.py",
     "test_routing_across_tokens_and_layers.py", "test_analyze.py", "test_balance_training.py",
     "test_device_check.py", "test_layer_conventions.py", "test_resume.py",
     "test_pallas_kernels.py", "test_checkpoints.py", "test_expert_parallel.py",
